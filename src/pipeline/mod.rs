@@ -1,0 +1,1 @@
+//! Pipeline files: YAML model, validation, `${VAR}` substitution, runner and outputs.

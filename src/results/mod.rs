@@ -1,0 +1,1 @@
+//! Run results to typed Arrow record batches; JSON Schema to Arrow schema.

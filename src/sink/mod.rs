@@ -1,0 +1,1 @@
+//! Rows to run inputs (input mapping, row keys) and their batched submission.
