@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub sim: SimConfig,
     /// Faults to inject, for tests of clients.
     pub faults: FaultConfig,
+    /// Idle time after which open streams send a `: ping` comment.
+    pub keepalive_interval: Duration,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -34,6 +36,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sim", &self.sim)
             .field("faults", &self.faults)
+            .field("keepalive_interval", &self.keepalive_interval)
             .finish()
     }
 }
@@ -48,6 +51,7 @@ impl Default for ServerConfig {
             max_body_bytes: 32 * 1024 * 1024,
             sim: SimConfig::default(),
             faults: FaultConfig::default(),
+            keepalive_interval: Duration::from_secs(15),
         }
     }
 }
@@ -81,7 +85,7 @@ impl Default for SimConfig {
 }
 
 /// Faults injected on purpose. Each rate is a fraction in [0, 1] of eligible requests.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct FaultConfig {
     /// Requests answered `429` with a `Retry-After` header instead of being served.
     pub rate_429: f64,
@@ -94,4 +98,16 @@ pub struct FaultConfig {
     pub cut_streams: f64,
     /// Seconds sent in `Retry-After` with injected 429s.
     pub retry_after_secs: u64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            rate_429: 0.0,
+            rate_500: 0.0,
+            drop_add_runs: 0.0,
+            cut_streams: 0.0,
+            retry_after_secs: 1,
+        }
+    }
 }

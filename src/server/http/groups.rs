@@ -1,0 +1,271 @@
+//! Group endpoints: create, retrieve, add runs, retrieve one run of a group.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{ApiError, AppState, Params, parse_json, read_body};
+use crate::api::{MAX_RUNS_PER_REQUEST, json_kind};
+use crate::server::store::{GroupRow, NewRun, SpecChoice};
+use crate::server::validate::{self, Issues, Loc};
+use crate::server::wire;
+
+/// A JSON answer from ready text.
+pub fn json_response(status: StatusCode, text: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// Splits a group id, or answers 404.
+pub fn parse_group(id: &str) -> Result<(i64, String), ApiError> {
+    wire::parse_id(id, "tgrp_")
+        .map(|(s, t)| (s, t.to_string()))
+        .ok_or(ApiError::NotFound("TaskGroup not found"))
+}
+
+/// Splits a run id, or answers 404.
+pub fn parse_run(id: &str) -> Result<(i64, String), ApiError> {
+    wire::parse_id(id, "trun_")
+        .map(|(s, t)| (s, t.to_string()))
+        .ok_or(ApiError::NotFound("Run id not found"))
+}
+
+/// Loads a group, or answers 404.
+pub async fn load_group(state: &AppState, id: &str) -> Result<GroupRow, ApiError> {
+    let (gseq, tag) = parse_group(id)?;
+    state
+        .blocking(move |s| Ok(s.group(gseq, &tag)?))
+        .await?
+        .ok_or(ApiError::NotFound("TaskGroup not found"))
+}
+
+fn group_json(g: &GroupRow) -> String {
+    let mut out = String::with_capacity(300);
+    out.push_str("{\"taskgroup_id\":\"");
+    out.push_str(&g.id());
+    out.push_str("\",\"status\":");
+    g.counts.write_json(&mut out);
+    out.push_str(",\"created_at\":\"");
+    out.push_str(&g.created_at);
+    out.push_str("\",\"metadata\":");
+    out.push_str(g.metadata.as_deref().unwrap_or("null"));
+    out.push('}');
+    out
+}
+
+/// `POST {p}/tasks/groups`
+pub async fn create(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.config.max_body_bytes).await?;
+    let mut issues = Issues::default();
+    let Some(v) = parse_json(&bytes, &mut issues) else {
+        return Err(ApiError::Invalid(issues));
+    };
+    let metadata = match &v {
+        Value::Object(m) => m.get("metadata").cloned().unwrap_or(Value::Null),
+        other => {
+            issues.push(
+                vec![Loc::from("body")],
+                format!(
+                    "Input should be a valid dictionary, got {}",
+                    json_kind(other)
+                ),
+                "dict_type",
+            );
+            Value::Null
+        }
+    };
+    validate::metadata(
+        &metadata,
+        &[Loc::from("body"), Loc::from("metadata")],
+        &mut issues,
+    );
+    if !issues.is_empty() {
+        return Err(ApiError::Invalid(issues));
+    }
+    let metadata = (!metadata.is_null()).then(|| metadata.to_string());
+    let group = state
+        .blocking(move |s| Ok(s.create_group(metadata)?))
+        .await?;
+    Ok(json_response(StatusCode::OK, group_json(&group)))
+}
+
+/// `GET {p}/tasks/groups/{id}`
+pub async fn retrieve(
+    State(state): State<AppState>,
+    Path(group_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let group = load_group(&state, &group_id).await?;
+    Ok(json_response(StatusCode::OK, group_json(&group)))
+}
+
+/// `GET {p}/tasks/groups/{id}/runs/{run_id}`
+pub async fn retrieve_run(
+    State(state): State<AppState>,
+    Path((group_id, run_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (gseq, gtag) = parse_group(&group_id)?;
+    let (seq, tag) = parse_run(&run_id)?;
+    let run = state
+        .blocking(move |s| Ok(s.run(seq, &tag)?))
+        .await?
+        .filter(|r| r.group_id.as_deref() == Some(wire::group_id(&gtag, gseq).as_str()))
+        .ok_or(ApiError::NotFound("Run id not found"))?;
+    Ok(json_response(StatusCode::OK, run.run_json()))
+}
+
+/// Validated add-runs request: the default spec as stored text, and the runs.
+struct Batch {
+    default_spec: Option<String>,
+    runs: Vec<NewRun>,
+}
+
+fn check_batch(v: &Value, issues: &mut Issues) -> Option<Batch> {
+    let body = [Loc::from("body")];
+    let Some(obj) = v.as_object() else {
+        issues.push(
+            body.to_vec(),
+            format!("Input should be a valid dictionary, got {}", json_kind(v)),
+            "dict_type",
+        );
+        return None;
+    };
+    if let Some(r) = obj.get("refresh_status")
+        && !(r.is_boolean() || r.is_null())
+    {
+        issues.push(
+            vec![Loc::from("body"), Loc::from("refresh_status")],
+            format!("Input should be a valid boolean, got {}", json_kind(r)),
+            "bool_type",
+        );
+    }
+    let default_spec = match obj.get("default_task_spec") {
+        None | Some(Value::Null) => None,
+        Some(s) => validate::task_spec(
+            s,
+            &[Loc::from("body"), Loc::from("default_task_spec")],
+            issues,
+        ),
+    };
+    let inputs_loc = vec![Loc::from("body"), Loc::from("inputs")];
+    let inputs = match obj.get("inputs") {
+        None => {
+            issues.push(inputs_loc, "Field required", "missing");
+            return None;
+        }
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            issues.push(
+                inputs_loc,
+                format!("Input should be a valid list, got {}", json_kind(other)),
+                "list_type",
+            );
+            return None;
+        }
+    };
+    if inputs.len() > MAX_RUNS_PER_REQUEST {
+        issues.push(
+            inputs_loc,
+            format!(
+                "List should have at most {MAX_RUNS_PER_REQUEST} items after validation, not {}",
+                inputs.len()
+            ),
+            "too_long",
+        );
+        return None;
+    }
+    let mut runs = Vec::with_capacity(inputs.len());
+    for (i, item) in inputs.iter().enumerate() {
+        let at = [Loc::from("body"), Loc::from("inputs"), Loc::Index(i)];
+        let Some(checked) = validate::run_input(item, &at, default_spec.as_ref(), issues) else {
+            continue;
+        };
+        let spec = match checked.own_spec {
+            Some(text) => SpecChoice::Own(text),
+            None if default_spec.is_some() => SpecChoice::Default,
+            None => SpecChoice::None,
+        };
+        runs.push(NewRun {
+            processor: checked.input.processor,
+            metadata: checked.input.metadata.map(|m| Value::Object(m).to_string()),
+            input: checked.text,
+            spec,
+        });
+    }
+    if !issues.is_empty() {
+        return None;
+    }
+    let default_spec = match default_spec {
+        Some(s) => Some(serde_json::to_string(&s).ok()?),
+        None => None,
+    };
+    Some(Batch { default_spec, runs })
+}
+
+/// `POST {p}/tasks/groups/{id}/runs`
+pub async fn add_runs(
+    State(state): State<AppState>,
+    Path(group_id): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (gseq, gtag) = parse_group(&group_id)?;
+    let mut issues = Issues::default();
+    // The status is read in the same transaction as the insert, so it is always fresh.
+    Params::parse(query.as_deref()).bool("refresh_status", true, &mut issues);
+    if !issues.is_empty() {
+        return Err(ApiError::Invalid(issues));
+    }
+    let bytes = read_body(body, state.config.max_body_bytes).await?;
+    let added = state
+        .blocking(move |s| {
+            let mut issues = Issues::default();
+            let batch = parse_json(&bytes, &mut issues).and_then(|v| check_batch(&v, &mut issues));
+            let Some(batch) = batch else {
+                return Err(ApiError::Invalid(issues));
+            };
+            s.add_runs(gseq, &gtag, batch.default_spec.as_deref(), batch.runs)?
+                .ok_or(ApiError::NotFound("TaskGroup not found"))
+        })
+        .await?;
+    state.wake.notify_one();
+    state.changed();
+    if state.roll(state.config.faults.drop_add_runs) {
+        return Ok(dropped_connection());
+    }
+    let mut out = String::with_capacity(200 + added.run_ids.len() * 40);
+    out.push_str("{\"status\":");
+    added.counts.write_json(&mut out);
+    out.push_str(",\"run_ids\":[");
+    for (i, id) in added.run_ids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(id);
+        out.push('"');
+    }
+    out.push_str("],\"run_cursor\":");
+    push_opt_str(&mut out, added.run_cursor.as_deref());
+    out.push_str(",\"event_cursor\":");
+    push_opt_str(&mut out, added.event_cursor.as_deref());
+    out.push('}');
+    Ok(json_response(StatusCode::OK, out))
+}
+
+fn push_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => wire::push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// A response whose body fails before its first byte: hyper closes the connection, so the
+/// client sees a dropped connection and cannot know whether its runs were stored.
+fn dropped_connection() -> Response {
+    let body = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("injected fault: response dropped"))
+    });
+    Response::new(Body::from_stream(body))
+}

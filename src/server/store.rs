@@ -1,0 +1,781 @@
+//! SQLite state of the server: groups, task specs, runs and the group event log.
+//!
+//! One writer connection (behind a mutex, used from blocking threads) does every change as
+//! one transaction; readers take connections from a small pool, so streams read while the
+//! scheduler writes (WAL mode). Run and event sequence numbers are SQLite rowids: they
+//! grow monotonically, survive restarts and serve as the opaque stream cursors.
+//!
+//! Ids carry their row: `trun_` + 16 hex random tag + 16 hex seq, so a lookup by id is a
+//! primary-key lookup checked against the tag.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::wire::{self, GroupCounts, RunView, StatusCode};
+
+/// A store error: SQLite failed, or the database file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("unexpected value in the database: {0}")]
+    Decode(#[from] rusqlite::types::FromSqlError),
+    #[error("cannot create the temporary database: {0}")]
+    TempDir(#[from] std::io::Error),
+    #[error("the store's lock was poisoned by a panic")]
+    Poisoned,
+}
+
+/// How often an active group gets a `task_group_status` event while runs finish.
+const STATUS_EVENT_EVERY: Duration = Duration::from_secs(1);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS groups (
+  gseq INTEGER PRIMARY KEY,
+  tag TEXT NOT NULL,
+  metadata TEXT,
+  created_at TEXT NOT NULL,
+  modified_at TEXT NOT NULL,
+  num_runs INTEGER NOT NULL DEFAULT 0,
+  n_queued INTEGER NOT NULL DEFAULT 0,
+  n_running INTEGER NOT NULL DEFAULT 0,
+  n_completed INTEGER NOT NULL DEFAULT 0,
+  n_failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS specs (
+  spec_id INTEGER PRIMARY KEY,
+  json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+  seq INTEGER PRIMARY KEY,
+  tag TEXT NOT NULL,
+  gseq INTEGER,
+  status INTEGER NOT NULL,
+  processor TEXT NOT NULL,
+  metadata TEXT,
+  input TEXT NOT NULL,
+  spec_id INTEGER,
+  output TEXT,
+  error TEXT,
+  created_at TEXT NOT NULL,
+  modified_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_group ON runs(gseq);
+CREATE INDEX IF NOT EXISTS runs_queued ON runs(seq) WHERE status = 0;
+CREATE INDEX IF NOT EXISTS runs_running ON runs(seq) WHERE status = 2;
+CREATE TABLE IF NOT EXISTS events (
+  eseq INTEGER PRIMARY KEY,
+  gseq INTEGER NOT NULL,
+  run_seq INTEGER,
+  status INTEGER,
+  at TEXT NOT NULL,
+  payload TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_group ON events(gseq);
+";
+
+/// A group as stored.
+#[derive(Clone, Debug)]
+pub struct GroupRow {
+    pub gseq: i64,
+    pub tag: String,
+    pub metadata: Option<String>,
+    pub created_at: String,
+    pub counts: GroupCounts,
+}
+
+impl GroupRow {
+    /// The wire id, `tgrp_…`.
+    pub fn id(&self) -> String {
+        wire::group_id(&self.tag, self.gseq)
+    }
+}
+
+/// A run as stored, with its group's id and effective task spec.
+#[derive(Clone, Debug)]
+pub struct RunRow {
+    pub seq: i64,
+    pub tag: String,
+    pub group_id: Option<String>,
+    pub status: StatusCode,
+    pub processor: String,
+    pub metadata: Option<String>,
+    pub input: String,
+    pub spec: Option<String>,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub modified_at: String,
+}
+
+impl RunRow {
+    /// The run as a `TaskRun` JSON object.
+    pub fn run_json(&self) -> String {
+        let mut out = String::with_capacity(256);
+        self.view().write_json(&mut out);
+        out
+    }
+
+    /// The borrowed view the JSON writers use.
+    pub fn view(&self) -> RunView<'_> {
+        RunView {
+            tag: &self.tag,
+            seq: self.seq,
+            status: self.status,
+            processor: &self.processor,
+            metadata: self.metadata.as_deref(),
+            group_id: self.group_id.as_deref(),
+            error: self.error.as_deref(),
+            created_at: &self.created_at,
+            modified_at: &self.modified_at,
+        }
+    }
+}
+
+/// A run to insert: its stored input JSON, metadata JSON and effective spec.
+#[derive(Debug)]
+pub struct NewRun {
+    pub processor: String,
+    pub metadata: Option<String>,
+    pub input: String,
+    pub spec: SpecChoice,
+}
+
+/// Which task spec a new run executes.
+#[derive(Debug)]
+pub enum SpecChoice {
+    /// None given: the output schema is automatic.
+    None,
+    /// The request's `default_task_spec`.
+    Default,
+    /// The run's own `task_spec`, as JSON text.
+    Own(String),
+}
+
+/// What an add-runs transaction produced.
+#[derive(Debug)]
+pub struct AddedRuns {
+    pub run_ids: Vec<String>,
+    pub run_cursor: Option<String>,
+    pub event_cursor: Option<String>,
+    pub counts: GroupCounts,
+}
+
+/// A run the scheduler took to execute.
+#[derive(Debug)]
+pub struct Claimed {
+    pub seq: i64,
+    pub gseq: Option<i64>,
+    pub processor: String,
+    pub input: String,
+    pub spec_id: Option<i64>,
+    pub spec: Option<String>,
+}
+
+/// How an executed run ended: output JSON, or error JSON.
+#[derive(Debug)]
+pub enum Outcome {
+    Completed(String),
+    Failed(String),
+}
+
+/// A finished run handed back by the scheduler.
+#[derive(Debug)]
+pub struct Finished {
+    pub seq: i64,
+    pub gseq: Option<i64>,
+    pub outcome: Outcome,
+}
+
+/// One page of SSE text, with the cursor of its last event and where each event ends.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub text: String,
+    /// Byte offset just past each event in `text`.
+    pub ends: Vec<usize>,
+    pub last: Option<i64>,
+    /// Only for event pages: whether the group still had active runs when read.
+    pub active: bool,
+}
+
+/// The database: a writer and a pool of readers.
+pub struct Store {
+    writer: Mutex<Writer>,
+    readers: Mutex<Vec<Connection>>,
+    path: std::path::PathBuf,
+    // Keeps the temporary database alive when no file was given.
+    _temp: Option<tempfile::TempDir>,
+}
+
+struct Writer {
+    conn: Connection,
+    last_status_event: HashMap<i64, Instant>,
+}
+
+fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if durable { "NORMAL" } else { "OFF" })?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, or a private temporary one.
+    ///
+    /// "In memory" is a temporary file deleted on drop: SQLite's shared in-memory databases
+    /// lock whole tables, which would stall streams behind the scheduler's writes.
+    pub fn open(path: Option<&Path>) -> Result<Store, StoreError> {
+        let (path, temp, durable) = match path {
+            Some(p) => (p.to_path_buf(), None, true),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("groupflow-serve")
+                    .tempdir()?;
+                (dir.path().join("state.sqlite"), Some(dir), false)
+            }
+        };
+        let conn = open_conn(&path, durable)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            writer: Mutex::new(Writer {
+                conn,
+                last_status_event: HashMap::new(),
+            }),
+            readers: Mutex::new(Vec::new()),
+            path,
+            _temp: temp,
+        })
+    }
+
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut Writer) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut w)
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.readers.lock().map_err(|_| StoreError::Poisoned)?.pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open(&self.path)?;
+                c.busy_timeout(Duration::from_secs(30))?;
+                c
+            }
+        };
+        let result = f(&conn);
+        if let Ok(mut pool) = self.readers.lock()
+            && pool.len() < 16
+        {
+            pool.push(conn);
+        }
+        result
+    }
+
+    /// Creates a group.
+    pub fn create_group(&self, metadata: Option<String>) -> Result<GroupRow, StoreError> {
+        let tag = wire::random_tag();
+        let now = crate::api::now_rfc3339();
+        self.with_writer(|w| {
+            w.conn
+                .prepare_cached(
+                    "INSERT INTO groups (tag, metadata, created_at, modified_at) VALUES (?1, ?2, ?3, ?3)",
+                )?
+                .execute(params![tag, metadata, now])?;
+            Ok(GroupRow {
+                gseq: w.conn.last_insert_rowid(),
+                tag,
+                metadata,
+                created_at: now.clone(),
+                counts: GroupCounts {
+                    modified_at: now,
+                    ..GroupCounts::default()
+                },
+            })
+        })
+    }
+
+    /// A group by its sequence and tag.
+    pub fn group(&self, gseq: i64, tag: &str) -> Result<Option<GroupRow>, StoreError> {
+        self.with_reader(|c| read_group(c, gseq, tag))
+    }
+
+    /// Adds runs to a group in one transaction; `None` when the group does not exist.
+    pub fn add_runs(
+        &self,
+        gseq: i64,
+        gtag: &str,
+        default_spec: Option<&str>,
+        runs: Vec<NewRun>,
+    ) -> Result<Option<AddedRuns>, StoreError> {
+        let now = crate::api::now_rfc3339();
+        self.with_writer(|w| {
+            let tx = w.conn.transaction()?;
+            let Some(group) = read_group(&tx, gseq, gtag)? else {
+                return Ok(None);
+            };
+            let last_run: Option<i64> = tx
+                .prepare_cached("SELECT MAX(seq) FROM runs WHERE gseq = ?1")?
+                .query_row([gseq], |r| r.get(0))?;
+            let last_event: Option<i64> = tx
+                .prepare_cached("SELECT MAX(eseq) FROM events WHERE gseq = ?1")?
+                .query_row([gseq], |r| r.get(0))?;
+            let mut run_ids = Vec::with_capacity(runs.len());
+            {
+            let mut spec_ids: HashMap<String, i64> = HashMap::new();
+            let mut insert_spec = tx.prepare_cached("INSERT INTO specs (json) VALUES (?1)")?;
+            let mut spec_id = |text: &str| -> Result<i64, rusqlite::Error> {
+                if let Some(id) = spec_ids.get(text) {
+                    return Ok(*id);
+                }
+                insert_spec.execute([text])?;
+                let id = tx.last_insert_rowid();
+                spec_ids.insert(text.to_string(), id);
+                Ok(id)
+            };
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO runs (tag, gseq, status, processor, metadata, input, spec_id, created_at, modified_at)
+                     VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?7)",
+                )?;
+                for run in &runs {
+                    let sid = match &run.spec {
+                        SpecChoice::None => None,
+                        SpecChoice::Default => default_spec.map(&mut spec_id).transpose()?,
+                        SpecChoice::Own(text) => Some(spec_id(text)?),
+                    };
+                    let tag = wire::random_tag();
+                    insert.execute(params![
+                        tag,
+                        gseq,
+                        run.processor,
+                        run.metadata,
+                        run.input,
+                        sid,
+                        now
+                    ])?;
+                    let seq = tx.last_insert_rowid();
+                    run_ids.push(wire::run_id(&tag, seq));
+                }
+            }
+            }
+            let n = runs.len() as i64;
+            let mut counts = group.counts;
+            counts.num_runs += n;
+            counts.queued += n;
+            counts.modified_at = now.clone();
+            tx.prepare_cached(
+                "UPDATE groups SET num_runs = num_runs + ?2, n_queued = n_queued + ?2,
+                 modified_at = ?3 WHERE gseq = ?1",
+            )?
+            .execute(params![gseq, n, now])?;
+            if n > 0 {
+                insert_status_event(&tx, gseq, &counts, &now)?;
+            }
+            tx.commit()?;
+            Ok(Some(AddedRuns {
+                run_ids,
+                run_cursor: last_run.map(|s| s.to_string()),
+                event_cursor: last_event.map(|s| s.to_string()),
+                counts,
+            }))
+        })
+    }
+
+    /// Creates a run outside any group.
+    pub fn create_run(&self, run: NewRun) -> Result<RunRow, StoreError> {
+        let now = crate::api::now_rfc3339();
+        let tag = wire::random_tag();
+        self.with_writer(|w| {
+            let tx = w.conn.transaction()?;
+            let spec = match &run.spec {
+                SpecChoice::Own(text) => Some(text.clone()),
+                _ => None,
+            };
+            let sid = match &spec {
+                Some(text) => {
+                    tx.prepare_cached("INSERT INTO specs (json) VALUES (?1)")?
+                        .execute([text])?;
+                    Some(tx.last_insert_rowid())
+                }
+                None => None,
+            };
+            tx.prepare_cached(
+                "INSERT INTO runs (tag, gseq, status, processor, metadata, input, spec_id, created_at, modified_at)
+                 VALUES (?1, NULL, 0, ?2, ?3, ?4, ?5, ?6, ?6)",
+            )?
+            .execute(params![tag, run.processor, run.metadata, run.input, sid, now])?;
+            let seq = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(RunRow {
+                seq,
+                tag,
+                group_id: None,
+                status: StatusCode::Queued,
+                processor: run.processor,
+                metadata: run.metadata,
+                input: run.input,
+                spec,
+                output: None,
+                error: None,
+                created_at: now.clone(),
+                modified_at: now,
+            })
+        })
+    }
+
+    /// A run by its sequence and tag, with its input, spec and output.
+    pub fn run(&self, seq: i64, tag: &str) -> Result<Option<RunRow>, StoreError> {
+        self.with_reader(|c| {
+            let row = c
+                .prepare_cached(
+                    "SELECT r.status, r.processor, r.metadata, r.input, s.json, r.output, r.error,
+                            r.created_at, r.modified_at, g.tag, r.gseq
+                     FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
+                     LEFT JOIN groups g ON g.gseq = r.gseq
+                     WHERE r.seq = ?1 AND r.tag = ?2",
+                )?
+                .query_row(params![seq, tag], |r| {
+                    let gtag: Option<String> = r.get(9)?;
+                    let gseq: Option<i64> = r.get(10)?;
+                    Ok(RunRow {
+                        seq,
+                        tag: tag.to_string(),
+                        group_id: gtag.zip(gseq).map(|(t, g)| wire::group_id(&t, g)),
+                        status: StatusCode::from_i64(r.get(0)?),
+                        processor: r.get(1)?,
+                        metadata: r.get(2)?,
+                        input: r.get(3)?,
+                        spec: r.get(4)?,
+                        output: r.get(5)?,
+                        error: r.get(6)?,
+                        created_at: r.get(7)?,
+                        modified_at: r.get(8)?,
+                    })
+                })
+                .optional()?;
+            Ok(row)
+        })
+    }
+
+    /// Runs that were executing when the server stopped, in the order added.
+    pub fn running(&self) -> Result<Vec<Claimed>, StoreError> {
+        self.with_writer(|w| {
+            let mut stmt = w.conn.prepare_cached(
+                "SELECT r.seq, r.gseq, r.processor, r.input, r.spec_id, s.json
+                 FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
+                 WHERE r.status = 2 ORDER BY r.seq",
+            )?;
+            let rows = stmt.query_map([], claimed_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Moves up to `n` queued runs, oldest first, to `running`, in one transaction.
+    pub fn claim(&self, n: usize) -> Result<Vec<Claimed>, StoreError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let now = crate::api::now_rfc3339();
+        self.with_writer(|w| {
+            let tx = w.conn.transaction()?;
+            let claimed = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT r.seq, r.gseq, r.processor, r.input, r.spec_id, s.json
+                     FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
+                     WHERE r.status = 0 ORDER BY r.seq LIMIT ?1",
+                )?;
+                let rows = stmt.query_map([n as i64], claimed_from_row)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            if claimed.is_empty() {
+                return Ok(claimed);
+            }
+            let mut per_group: HashMap<i64, i64> = HashMap::new();
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE runs SET status = 2, modified_at = ?2 WHERE seq = ?1",
+                )?;
+                let mut event = tx.prepare_cached(
+                    "INSERT INTO events (gseq, run_seq, status, at) VALUES (?1, ?2, 2, ?3)",
+                )?;
+                for c in &claimed {
+                    update.execute(params![c.seq, now])?;
+                    if let Some(g) = c.gseq {
+                        event.execute(params![g, c.seq, now])?;
+                        *per_group.entry(g).or_default() += 1;
+                    }
+                }
+            }
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE groups SET n_queued = n_queued - ?2, n_running = n_running + ?2,
+                     modified_at = ?3 WHERE gseq = ?1",
+                )?;
+                for (g, k) in &per_group {
+                    update.execute(params![g, k, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+    }
+
+    /// Records finished runs in one transaction; groups that became inactive get a final
+    /// `task_group_status` event, active ones one at most every [`STATUS_EVENT_EVERY`].
+    pub fn finish(&self, finished: &[Finished]) -> Result<(), StoreError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let now = crate::api::now_rfc3339();
+        self.with_writer(|w| {
+            let tx = w.conn.transaction()?;
+            let mut per_group: HashMap<i64, (i64, i64)> = HashMap::new();
+            {
+                let mut done = tx.prepare_cached(
+                    "UPDATE runs SET status = 3, output = ?2, modified_at = ?3 WHERE seq = ?1 AND status = 2",
+                )?;
+                let mut failed = tx.prepare_cached(
+                    "UPDATE runs SET status = 4, error = ?2, modified_at = ?3 WHERE seq = ?1 AND status = 2",
+                )?;
+                let mut event = tx.prepare_cached(
+                    "INSERT INTO events (gseq, run_seq, status, at) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for f in finished {
+                    let (changed, code) = match &f.outcome {
+                        Outcome::Completed(out) => (done.execute(params![f.seq, out, now])?, 3),
+                        Outcome::Failed(err) => (failed.execute(params![f.seq, err, now])?, 4),
+                    };
+                    // A run finishes once: a second outcome for it changes nothing.
+                    if changed == 0 {
+                        continue;
+                    }
+                    if let Some(g) = f.gseq {
+                        event.execute(params![g, f.seq, code, now])?;
+                        let e = per_group.entry(g).or_default();
+                        if code == 3 {
+                            e.0 += 1;
+                        } else {
+                            e.1 += 1;
+                        }
+                    }
+                }
+            }
+            for (g, (completed, failed)) in &per_group {
+                tx.prepare_cached(
+                    "UPDATE groups SET n_running = n_running - ?2 - ?3, n_completed = n_completed + ?2,
+                     n_failed = n_failed + ?3, modified_at = ?4 WHERE gseq = ?1",
+                )?
+                .execute(params![g, completed, failed, now])?;
+                let counts = read_counts(&tx, *g)?;
+                let due = w
+                    .last_status_event
+                    .get(g)
+                    .is_none_or(|t| t.elapsed() >= STATUS_EVENT_EVERY);
+                if !counts.is_active() || due {
+                    insert_status_event(&tx, *g, &counts, &now)?;
+                    w.last_status_event.insert(*g, Instant::now());
+                }
+            }
+            tx.commit()?;
+            if w.last_status_event.len() > 10_000 {
+                w.last_status_event
+                    .retain(|_, t| t.elapsed() < STATUS_EVENT_EVERY);
+            }
+            Ok(())
+        })
+    }
+
+    /// Up to `limit` runs of a group after cursor `after`, in the order added, as SSE text.
+    pub fn runs_page(
+        &self,
+        group: &GroupRow,
+        after: i64,
+        status: Option<StatusCode>,
+        include_input: bool,
+        include_output: bool,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let gid = group.id();
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, tag, status, processor, metadata, error, created_at, modified_at,
+                        CASE WHEN ?4 THEN input END, CASE WHEN ?5 THEN output END
+                 FROM runs WHERE gseq = ?1 AND seq > ?2 AND (?3 IS NULL OR status = ?3)
+                 ORDER BY seq LIMIT ?6",
+            )?;
+            let mut rows = stmt.query(params![
+                group.gseq,
+                after,
+                status.map(|s| s as i64),
+                include_input,
+                include_output,
+                limit as i64
+            ])?;
+            let mut page = Page {
+                text: String::with_capacity(limit * 512),
+                ..Page::default()
+            };
+            while let Some(r) = rows.next()? {
+                let seq: i64 = r.get(0)?;
+                let tag = r.get_ref(1)?.as_str()?;
+                let status = StatusCode::from_i64(r.get(2)?);
+                let view = RunView {
+                    tag,
+                    seq,
+                    status,
+                    processor: r.get_ref(3)?.as_str()?,
+                    metadata: r.get_ref(4)?.as_str_or_null()?,
+                    group_id: Some(&gid),
+                    error: r.get_ref(5)?.as_str_or_null()?,
+                    created_at: r.get_ref(6)?.as_str()?,
+                    modified_at: r.get_ref(7)?.as_str()?,
+                };
+                let input = r.get_ref(8)?.as_str_or_null()?;
+                let output = if status == StatusCode::Completed {
+                    r.get_ref(9)?.as_str_or_null()?
+                } else {
+                    None
+                };
+                wire::write_run_event(&mut page.text, seq, &view, input, output);
+                page.ends.push(page.text.len());
+                page.last = Some(seq);
+            }
+            Ok(page)
+        })
+    }
+
+    /// Up to `limit` events of a group after cursor `after`, as SSE text, read in one
+    /// snapshot together with whether the group is still active.
+    pub fn events_page(
+        &self,
+        group: &GroupRow,
+        after: i64,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let gid = group.id();
+        self.with_reader(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut page = Page::default();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT e.eseq, e.run_seq, e.status, e.at, e.payload,
+                            r.tag, r.processor, r.metadata, r.error, r.created_at
+                     FROM events e LEFT JOIN runs r ON r.seq = e.run_seq
+                     WHERE e.gseq = ?1 AND e.eseq > ?2 ORDER BY e.eseq LIMIT ?3",
+                )?;
+                let mut rows = stmt.query(params![group.gseq, after, limit as i64])?;
+                while let Some(r) = rows.next()? {
+                    let eseq: i64 = r.get(0)?;
+                    let run_seq: Option<i64> = r.get(1)?;
+                    match run_seq {
+                        None => {
+                            let payload = r.get_ref(4)?.as_str_or_null()?.unwrap_or("{}");
+                            wire::write_status_event(&mut page.text, eseq, payload);
+                        }
+                        Some(run_seq) => {
+                            let status = StatusCode::from_i64(r.get(2)?);
+                            let view = RunView {
+                                tag: r.get_ref(5)?.as_str()?,
+                                seq: run_seq,
+                                status,
+                                processor: r.get_ref(6)?.as_str()?,
+                                metadata: r.get_ref(7)?.as_str_or_null()?,
+                                group_id: Some(&gid),
+                                error: if status == StatusCode::Failed {
+                                    r.get_ref(8)?.as_str_or_null()?
+                                } else {
+                                    None
+                                },
+                                created_at: r.get_ref(9)?.as_str()?,
+                                modified_at: r.get_ref(3)?.as_str()?,
+                            };
+                            wire::write_run_event(&mut page.text, eseq, &view, None, None);
+                        }
+                    }
+                    page.ends.push(page.text.len());
+                    page.last = Some(eseq);
+                }
+            }
+            page.active = read_counts(&tx, group.gseq)?.is_active();
+            tx.commit()?;
+            Ok(page)
+        })
+    }
+}
+
+fn claimed_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Claimed> {
+    Ok(Claimed {
+        seq: r.get(0)?,
+        gseq: r.get(1)?,
+        processor: r.get(2)?,
+        input: r.get(3)?,
+        spec_id: r.get(4)?,
+        spec: r.get(5)?,
+    })
+}
+
+fn read_group(c: &Connection, gseq: i64, tag: &str) -> Result<Option<GroupRow>, StoreError> {
+    let row = c
+        .prepare_cached(
+            "SELECT metadata, created_at, modified_at, num_runs, n_queued, n_running, n_completed, n_failed
+             FROM groups WHERE gseq = ?1 AND tag = ?2",
+        )?
+        .query_row(params![gseq, tag], |r| {
+            Ok(GroupRow {
+                gseq,
+                tag: tag.to_string(),
+                metadata: r.get(0)?,
+                created_at: r.get(1)?,
+                counts: GroupCounts {
+                    modified_at: r.get(2)?,
+                    num_runs: r.get(3)?,
+                    queued: r.get(4)?,
+                    running: r.get(5)?,
+                    completed: r.get(6)?,
+                    failed: r.get(7)?,
+                },
+            })
+        })
+        .optional()?;
+    Ok(row)
+}
+
+fn read_counts(c: &Connection, gseq: i64) -> Result<GroupCounts, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT modified_at, num_runs, n_queued, n_running, n_completed, n_failed FROM groups WHERE gseq = ?1",
+    )?
+    .query_row([gseq], |r| {
+        Ok(GroupCounts {
+            modified_at: r.get(0)?,
+            num_runs: r.get(1)?,
+            queued: r.get(2)?,
+            running: r.get(3)?,
+            completed: r.get(4)?,
+            failed: r.get(5)?,
+        })
+    })?)
+}
+
+fn insert_status_event(
+    c: &Connection,
+    gseq: i64,
+    counts: &GroupCounts,
+    now: &str,
+) -> Result<(), StoreError> {
+    let mut payload = String::with_capacity(200);
+    counts.write_json(&mut payload);
+    c.prepare_cached("INSERT INTO events (gseq, at, payload) VALUES (?1, ?2, ?3)")?
+        .execute(params![gseq, now, payload])?;
+    Ok(())
+}
