@@ -1,1 +1,7 @@
 //! Run results to typed Arrow record batches; JSON Schema to Arrow schema.
+
+pub mod decode;
+pub mod schema;
+
+pub use decode::{ResultDecoder, basis_type, run_fields};
+pub use schema::{OutputSchema, SchemaError};
