@@ -39,7 +39,10 @@ fn sse(stream: impl futures::Stream<Item = Chunk> + Send + 'static) -> Response 
         .into_response()
 }
 
-fn cut_error() -> std::io::Error {
+/// Ends a stream with an error after letting hyper flush what was sent: a cut stream
+/// delivers its first events, then the connection drops.
+async fn cut_error() -> std::io::Error {
+    tokio::time::sleep(Duration::from_millis(50)).await;
     std::io::Error::other("injected fault: stream cut")
 }
 
@@ -149,7 +152,7 @@ pub async fn group_runs(
                 let (bytes, drop_now) = cut.take(page);
                 yield Ok(bytes);
                 if drop_now {
-                    yield Err(cut_error());
+                    yield Err(cut_error().await);
                     return;
                 }
             }
@@ -158,7 +161,7 @@ pub async fn group_runs(
             }
         }
         if cut.pending() {
-            yield Err(cut_error());
+            yield Err(cut_error().await);
         }
     };
     Ok(sse(stream))
@@ -210,7 +213,7 @@ pub async fn group_events(
                 yield Ok(bytes);
                 last_write = Instant::now();
                 if drop_now {
-                    yield Err(cut_error());
+                    yield Err(cut_error().await);
                     return;
                 }
                 if n == PAGE {
@@ -231,7 +234,7 @@ pub async fn group_events(
             }
         }
         if cut.pending() {
-            yield Err(cut_error());
+            yield Err(cut_error().await);
         }
     };
     Ok(sse(stream))
