@@ -1,1 +1,13 @@
 //! Pipeline files: YAML model, validation, `${VAR}` substitution, runner and outputs.
+
+pub mod diagnostic;
+pub mod env;
+pub mod load;
+pub mod model;
+pub mod output_schema;
+pub mod schema;
+pub mod yaml;
+
+pub use diagnostic::Diagnostic;
+pub use load::{LoadError, Location, Pipeline};
+pub use model::{FileFormat, OutputSpec, PipelineSpec, SourceSpec, StepSpec, TaskConfig};
