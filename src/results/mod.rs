@@ -1,7 +1,9 @@
 //! Run results to typed Arrow record batches; JSON Schema to Arrow schema.
 
 pub mod decode;
+pub mod join;
 pub mod schema;
 
 pub use decode::{ResultDecoder, basis_type, run_fields};
+pub use join::{JoinError, join_results};
 pub use schema::{OutputSchema, SchemaError};

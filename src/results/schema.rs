@@ -196,10 +196,10 @@ fn node_type(schema: &Value, path: &str) -> Result<(DataType, bool), SchemaError
             types.push("object".into());
         } else if m.contains_key("items") {
             types.push("array".into());
-        } else if let Some(Value::Array(values)) = m.get("enum") {
-            if values.iter().all(|v| v.is_string() || v.is_null()) {
-                types.push("string".into());
-            }
+        } else if let Some(Value::Array(values)) = m.get("enum")
+            && values.iter().all(|v| v.is_string() || v.is_null())
+        {
+            types.push("string".into());
         }
     }
     let ty = match types.as_slice() {

@@ -1,1 +1,259 @@
 //! DataFusion table functions `enrich(task, source)` and `task_group_runs(id)`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::collections::HashMap;
+//! use datafusion::prelude::SessionContext;
+//! use groupflow::client::{Client, ClientConfig};
+//! use groupflow::sink::TaskDefinition;
+//!
+//! let ctx = SessionContext::new();
+//! groupflow::source::register_table(&ctx, "companies", "data/companies.csv", &Default::default()).await?;
+//! let task: TaskDefinition = serde_json::from_value(serde_json::json!({
+//!     "input": {"company_name": "name"},
+//!     "output": {"type": "object", "properties": {"founded": {"type": "integer"}}}
+//! }))?;
+//! let tasks = HashMap::from([("research".to_string(), task)]);
+//! let client = Client::new(ClientConfig::from_env())?;
+//! groupflow::sql::register(&ctx, tasks, client, Default::default())?;
+//! ctx.sql("SELECT name, founded FROM enrich('research', 'companies')").await?.show().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod enrich;
+mod group_runs;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::common::ScalarValue;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::Expr;
+use datafusion::prelude::SessionContext;
+
+use crate::api::TaskGroupStatus;
+use crate::client::{Client, ClientError};
+use crate::results::{JoinError, OutputSchema, SchemaError};
+use crate::sink::{SubmitError, TaskDefinition};
+
+pub use enrich::{EnrichExec, EnrichFunction, EnrichTable};
+pub use group_runs::{TaskGroupRunsFunction, group_runs_schema};
+
+/// Name the enrich table function is registered under.
+pub const ENRICH: &str = "enrich";
+/// Name the group-reading table function is registered under.
+pub const TASK_GROUP_RUNS: &str = "task_group_runs";
+/// Group metadata key naming the task whose runs the group holds.
+pub const GROUP_TASK_KEY: &str = "groupflow_task";
+
+/// Where an enrich execution is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the source and adding runs.
+    Submitting,
+    /// Every run is added; waiting for the group to finish.
+    Running,
+    /// The group is done; results are being read and joined to the source rows.
+    Reading,
+}
+
+/// A progress report of one enrich execution.
+#[derive(Clone, Debug)]
+pub struct EnrichProgress {
+    pub task: String,
+    pub group_id: String,
+    pub phase: Phase,
+    /// Runs added to the group so far.
+    pub runs_added: u64,
+    /// The group's latest status (while running).
+    pub status: Option<TaskGroupStatus>,
+}
+
+/// A progress callback, called from the executing task; keep it quick.
+pub type ProgressFn = Arc<dyn Fn(&EnrichProgress) + Send + Sync>;
+
+/// Settings of the table functions.
+#[derive(Clone, Default)]
+pub struct EnrichOptions {
+    /// Where spill files go (the system temp dir when `None`).
+    pub spill_dir: Option<PathBuf>,
+    /// Called as an execution progresses.
+    pub on_progress: Option<ProgressFn>,
+}
+
+impl fmt::Debug for EnrichOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrichOptions")
+            .field("spill_dir", &self.spill_dir)
+            .field("on_progress", &self.on_progress.is_some())
+            .finish()
+    }
+}
+
+/// A task definition that cannot be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The output schema has no Arrow shape; the path starts at `tasks.NAME.output`.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("tasks.{task}.input: {source}")]
+    Template {
+        task: String,
+        #[source]
+        source: crate::sink::TemplateError,
+    },
+}
+
+/// Why an enrich execution failed. Reaches callers inside
+/// `DataFusionError::External`; [`EnrichError::find`] digs it out.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrichError {
+    #[error("enrich('{task}'): creating the task group: {source}")]
+    CreateGroup {
+        task: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("enrich('{task}'): {source}")]
+    Submit {
+        task: String,
+        #[source]
+        source: SubmitError,
+    },
+    #[error("enrich('{task}'): waiting for group {group_id}: {source}")]
+    Wait {
+        task: String,
+        group_id: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("enrich('{task}'): {source}")]
+    Results {
+        task: String,
+        #[source]
+        source: JoinError,
+    },
+    #[error("task_group_runs('{group_id}'): {source}")]
+    GroupRuns {
+        group_id: String,
+        #[source]
+        source: JoinError,
+    },
+}
+
+impl EnrichError {
+    /// The API error behind this one, if any (for exit codes: auth vs. API failures).
+    pub fn client_error(&self) -> Option<&ClientError> {
+        match self {
+            EnrichError::CreateGroup { source, .. } | EnrichError::Wait { source, .. } => {
+                Some(source)
+            }
+            EnrichError::Submit {
+                source: SubmitError::Client { source, .. },
+                ..
+            } => Some(source),
+            EnrichError::Results {
+                source: JoinError::Client { source, .. },
+                ..
+            }
+            | EnrichError::GroupRuns {
+                source: JoinError::Client { source, .. },
+                ..
+            } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// True when a later try may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.client_error().is_some_and(ClientError::is_retryable)
+    }
+
+    /// The `EnrichError` inside a DataFusion error, however deeply DataFusion wrapped it.
+    pub fn find(e: &DataFusionError) -> Option<&EnrichError> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(found) = err.downcast_ref::<EnrichError>() {
+                return Some(found);
+            }
+            if let Some(found) = err.downcast_ref::<Arc<EnrichError>>() {
+                return Some(found.as_ref());
+            }
+            cur = match err.downcast_ref::<DataFusionError>() {
+                Some(DataFusionError::External(inner)) => Some(inner.as_ref()),
+                Some(DataFusionError::Context(_, inner)) => Some(inner.as_ref()),
+                Some(DataFusionError::Shared(inner)) => Some(inner.as_ref()),
+                _ => err.source(),
+            };
+        }
+        None
+    }
+}
+
+/// A task ready to run: its definition and its output's Arrow shape.
+#[derive(Debug)]
+pub(crate) struct PreparedTask {
+    pub name: String,
+    pub def: TaskDefinition,
+    pub output: OutputSchema,
+}
+
+/// Registers `enrich(task, source)` and `task_group_runs(id)` on `ctx`. Every task's
+/// output schema and input template are checked here, so a bad task fails now, not when a
+/// query uses it.
+pub fn register(
+    ctx: &SessionContext,
+    tasks: HashMap<String, TaskDefinition>,
+    client: Client,
+    options: EnrichOptions,
+) -> Result<(), RegisterError> {
+    let mut prepared = HashMap::with_capacity(tasks.len());
+    for (name, def) in tasks {
+        let output = OutputSchema::from_task_output(&def.output, &format!("tasks.{name}.output"))?;
+        def.input
+            .columns()
+            .map_err(|source| RegisterError::Template {
+                task: name.clone(),
+                source,
+            })?;
+        prepared.insert(name.clone(), Arc::new(PreparedTask { name, def, output }));
+    }
+    ctx.register_udtf(
+        ENRICH,
+        Arc::new(EnrichFunction::new(prepared, client.clone(), options)),
+    );
+    ctx.register_udtf(
+        TASK_GROUP_RUNS,
+        Arc::new(TaskGroupRunsFunction::new(client)),
+    );
+    Ok(())
+}
+
+/// The string value of a literal argument, or a planning error naming the function and
+/// the argument.
+pub(crate) fn string_arg(
+    function: &str,
+    args: &[Expr],
+    index: usize,
+    what: &str,
+) -> datafusion::error::Result<String> {
+    match args.get(index) {
+        Some(Expr::Literal(
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::Utf8View(Some(s))
+            | ScalarValue::LargeUtf8(Some(s)),
+            _,
+        )) => Ok(s.clone()),
+        Some(other) => Err(DataFusionError::Plan(format!(
+            "{function}: argument {} ({what}) must be a string literal, got {other}",
+            index + 1
+        ))),
+        None => Err(DataFusionError::Plan(format!(
+            "{function}: argument {} ({what}) is missing",
+            index + 1
+        ))),
+    }
+}

@@ -1,0 +1,498 @@
+//! `enrich(task, source)`: every source row becomes a run of `task`; the result is the source
+//! columns, one typed column per output property, and `run_id`, `run_status`, `run_error`,
+//! `basis`.
+//!
+//! Planning only parses the arguments and plans the source query; all network work happens
+//! when the plan executes. The table owns its submission: however many times its plan is
+//! executed (a CTE read twice, a DataFrame collected twice), the rows are submitted once and
+//! later executions read the same group again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::TableType;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::context::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PhysicalExpr, PlanProperties,
+};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use tokio::sync::OnceCell;
+
+use super::{
+    ENRICH, EnrichError, EnrichOptions, EnrichProgress, GROUP_TASK_KEY, Phase, PreparedTask,
+    string_arg,
+};
+use crate::api::Metadata;
+use crate::client::{Client, RunsQuery};
+use crate::results::{ResultDecoder, join_results};
+use crate::sink::spill::Spill;
+use crate::sink::{InputEncoder, SubmitTarget, submit};
+
+/// The `enrich` table function.
+#[derive(Debug)]
+pub struct EnrichFunction {
+    tasks: HashMap<String, Arc<PreparedTask>>,
+    client: Client,
+    options: EnrichOptions,
+}
+
+impl EnrichFunction {
+    pub(crate) fn new(
+        tasks: HashMap<String, Arc<PreparedTask>>,
+        client: Client,
+        options: EnrichOptions,
+    ) -> Self {
+        EnrichFunction {
+            tasks,
+            client,
+            options,
+        }
+    }
+}
+
+impl TableFunctionImpl for EnrichFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let exprs = args.exprs();
+        if exprs.len() != 2 {
+            return Err(DataFusionError::Plan(format!(
+                "{ENRICH}(task, source) takes 2 arguments, got {}",
+                exprs.len()
+            )));
+        }
+        let name = string_arg(ENRICH, exprs, 0, "task name")?;
+        let source = string_arg(ENRICH, exprs, 1, "source table or query")?;
+        let task = self.tasks.get(&name).cloned().ok_or_else(|| {
+            let mut known: Vec<&str> = self.tasks.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            DataFusionError::Plan(format!(
+                "{ENRICH}: unknown task '{name}' (tasks: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        })?;
+        let state = args
+            .session()
+            .as_any()
+            .downcast_ref::<SessionState>()
+            .ok_or_else(|| {
+                DataFusionError::Plan(format!("{ENRICH}: needs a DataFusion SessionState"))
+            })?;
+        let source_plan = plan_source(state, &source).map_err(|e| {
+            DataFusionError::Plan(format!("{ENRICH}('{name}'): source {source:?}: {e}"))
+        })?;
+        EnrichTable::try_new(
+            task,
+            self.client.clone(),
+            self.options.clone(),
+            source,
+            source_plan,
+        )
+        .map(|t| Arc::new(t) as Arc<dyn TableProvider>)
+    }
+}
+
+/// Plans `source`: a query (`SELECT`, `WITH`, `VALUES`) or a table name.
+fn plan_source(state: &SessionState, source: &str) -> Result<LogicalPlan> {
+    let trimmed = source.trim();
+    let first = trimmed
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let sql = if matches!(first.as_str(), "select" | "with" | "values") || trimmed.starts_with('(')
+    {
+        trimmed.to_string()
+    } else {
+        format!("SELECT * FROM {trimmed}")
+    };
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state.sql_to_statement(&sql, &dialect)?;
+    match &statement {
+        DfStatement::Statement(s) if matches!(**s, Statement::Query(_)) => {}
+        _ => {
+            return Err(DataFusionError::Plan(
+                "must be a table name or a SELECT query".into(),
+            ));
+        }
+    }
+    // Planning is async only to look tables up in catalogs; the session's catalogs hold
+    // registered tables in memory, so this completes without waiting on I/O.
+    futures::executor::block_on(state.statement_to_plan(statement))
+}
+
+/// The table `enrich(task, source)` returns.
+pub struct EnrichTable {
+    shared: Arc<Shared>,
+    schema: SchemaRef,
+    source_plan: LogicalPlan,
+}
+
+/// What every execution of one `enrich(...)` call shares.
+struct Shared {
+    task: Arc<PreparedTask>,
+    client: Client,
+    options: EnrichOptions,
+    source_sql: String,
+    source_schema: SchemaRef,
+    encoder: InputEncoder,
+    schema: SchemaRef,
+    /// The group and spilled rows, made by the first execution.
+    submitted: OnceCell<std::result::Result<Arc<Submitted>, Arc<EnrichError>>>,
+}
+
+struct Submitted {
+    group_id: String,
+    spill: Arc<Spill>,
+}
+
+impl fmt::Debug for EnrichTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrichTable")
+            .field("task", &self.shared.task.name)
+            .field("source", &self.shared.source_sql)
+            .finish()
+    }
+}
+
+impl EnrichTable {
+    fn try_new(
+        task: Arc<PreparedTask>,
+        client: Client,
+        options: EnrichOptions,
+        source_sql: String,
+        source_plan: LogicalPlan,
+    ) -> Result<Self> {
+        let plan_err =
+            |msg: String| DataFusionError::Plan(format!("{ENRICH}('{}'): {msg}", task.name));
+        let source_schema: SchemaRef = Arc::new(source_plan.schema().as_arrow().clone());
+        let encoder =
+            InputEncoder::new(&task.def, &source_schema).map_err(|e| plan_err(e.to_string()))?;
+        let mut decoder_fields = ResultDecoder::new(task.output.clone()).fields();
+        let mut fields: Vec<Field> = source_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for f in &fields {
+            if !seen.insert(f.name().clone()) {
+                return Err(plan_err(format!(
+                    "the source has two columns named `{}`; alias one of them",
+                    f.name()
+                )));
+            }
+        }
+        for f in &decoder_fields {
+            if seen.contains(f.name()) {
+                return Err(plan_err(format!(
+                    "source column `{}` has the name of a result column; rename it in the source query",
+                    f.name()
+                )));
+            }
+        }
+        fields.append(&mut decoder_fields);
+        let schema = Arc::new(Schema::new(fields));
+        Ok(EnrichTable {
+            shared: Arc::new(Shared {
+                task,
+                client,
+                options,
+                source_sql,
+                source_schema,
+                encoder,
+                schema: schema.clone(),
+                submitted: OnceCell::new(),
+            }),
+            schema,
+            source_plan,
+        })
+    }
+}
+
+#[async_trait]
+impl TableProvider for EnrichTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let source = state.create_physical_plan(&self.source_plan).await?;
+        Ok(Arc::new(EnrichExec::new(
+            self.shared.clone(),
+            source,
+            projection.cloned(),
+        )?))
+    }
+}
+
+/// Runs one `enrich(...)`: submits (once), waits, then streams the joined results.
+pub struct EnrichExec {
+    shared: Arc<Shared>,
+    /// The planned source; executed partition by partition, in order, so row keys are
+    /// the same every time the same data is read.
+    source: Arc<dyn ExecutionPlan>,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl fmt::Debug for EnrichExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrichExec")
+            .field("task", &self.shared.task.name)
+            .field("projection", &self.projection)
+            .finish()
+    }
+}
+
+impl EnrichExec {
+    fn new(
+        shared: Arc<Shared>,
+        source: Arc<dyn ExecutionPlan>,
+        projection: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(shared.schema.project(p)?),
+            None => shared.schema.clone(),
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(EnrichExec {
+            shared,
+            source,
+            projection,
+            schema,
+            properties,
+        })
+    }
+}
+
+impl DisplayAs for EnrichExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "EnrichExec: task={}, source={:?}",
+            self.shared.task.name, self.shared.source_sql
+        )
+    }
+}
+
+impl ExecutionPlan for EnrichExec {
+    fn name(&self) -> &str {
+        "EnrichExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    /// The source plan is kept out of the tree on purpose: it is already optimized, and
+    /// optimizer rules must not repartition or reorder what feeds the row keys.
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "EnrichExec has one partition, asked for {partition}"
+            )));
+        }
+        let shared = self.shared.clone();
+        let source = self.source.clone();
+        let projection = self.projection.clone();
+        let schema = self.schema.clone();
+        let results = async move {
+            let submitted = shared.submitted(source, context).await?;
+            let stream = shared.results(&submitted);
+            Ok::<_, DataFusionError>(stream.map(move |batch| match &projection {
+                Some(p) => batch.and_then(|b| Ok(b.project(p)?)),
+                None => batch,
+            }))
+        };
+        let stream = futures::stream::once(results).try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+fn external(e: Arc<EnrichError>) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+impl Shared {
+    fn report(
+        &self,
+        group_id: &str,
+        phase: Phase,
+        runs_added: u64,
+        status: Option<&crate::api::TaskGroupStatus>,
+    ) {
+        if let Some(cb) = &self.options.on_progress {
+            cb(&EnrichProgress {
+                task: self.task.name.clone(),
+                group_id: group_id.to_string(),
+                phase,
+                runs_added,
+                status: status.cloned(),
+            });
+        }
+    }
+
+    /// The group holding this table's runs, submitting and waiting for it on first use.
+    async fn submitted(
+        &self,
+        source: Arc<dyn ExecutionPlan>,
+        context: Arc<TaskContext>,
+    ) -> Result<Arc<Submitted>> {
+        self.submitted
+            .get_or_init(|| async {
+                self.submit_and_wait(source, context)
+                    .await
+                    .map(Arc::new)
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone()
+            .map_err(external)
+    }
+
+    async fn submit_and_wait(
+        &self,
+        source: Arc<dyn ExecutionPlan>,
+        context: Arc<TaskContext>,
+    ) -> std::result::Result<Submitted, EnrichError> {
+        let task = &self.task.name;
+        let mut metadata = Metadata::new();
+        metadata.insert(GROUP_TASK_KEY.into(), task.clone().into());
+        let group = self
+            .client
+            .create_group(Some(metadata))
+            .await
+            .map_err(|source| EnrichError::CreateGroup {
+                task: task.clone(),
+                source,
+            })?;
+        let group_id = group.taskgroup_id;
+        self.report(&group_id, Phase::Submitting, 0, None);
+        let target = SubmitTarget {
+            client: &self.client,
+            group_id: &group_id,
+            spec: self.task.def.task_spec(),
+            encoder: self.encoder.clone(),
+            schema: &self.source_schema,
+            spill_dir: self.options.spill_dir.as_deref(),
+        };
+        let spill = submit(target, sequential(source, context), |p| {
+            self.report(&group_id, Phase::Submitting, p.runs_added, None)
+        })
+        .await
+        .map_err(|source| EnrichError::Submit {
+            task: task.clone(),
+            source,
+        })?;
+        let added = spill.rows();
+        self.client
+            .wait(&group_id, |s| {
+                self.report(&group_id, Phase::Running, added, Some(s))
+            })
+            .await
+            .map_err(|source| EnrichError::Wait {
+                task: task.clone(),
+                group_id: group_id.clone(),
+                source,
+            })?;
+        Ok(Submitted {
+            group_id,
+            spill: Arc::new(spill),
+        })
+    }
+
+    /// The joined result batches of a finished group.
+    fn results(&self, s: &Submitted) -> BoxStream<'static, Result<RecordBatch>> {
+        self.report(&s.group_id, Phase::Reading, s.spill.rows(), None);
+        let runs = self.client.runs_stream(
+            &s.group_id,
+            RunsQuery {
+                include_output: true,
+                expected: Some(s.spill.rows()),
+                ..RunsQuery::default()
+            },
+        );
+        let task = self.task.name.clone();
+        join_results(
+            s.spill.clone(),
+            s.group_id.clone(),
+            runs,
+            ResultDecoder::new(self.task.output.clone()),
+            self.schema.clone(),
+        )
+        .map_err(move |source| {
+            external(Arc::new(EnrichError::Results {
+                task: task.clone(),
+                source,
+            }))
+        })
+        .boxed()
+    }
+}
+
+/// All partitions of `plan`, one after the other.
+fn sequential(
+    plan: Arc<dyn ExecutionPlan>,
+    context: Arc<TaskContext>,
+) -> BoxStream<'static, Result<RecordBatch>> {
+    let partitions = plan.properties().output_partitioning().partition_count();
+    futures::stream::iter(0..partitions)
+        .map(move |p| plan.execute(p, context.clone()))
+        .try_flatten()
+        .boxed()
+}
