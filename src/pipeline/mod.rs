@@ -4,8 +4,12 @@ pub mod diagnostic;
 pub mod env;
 pub mod load;
 pub mod model;
+pub mod output;
 pub mod output_schema;
+pub mod progress;
 pub mod schema;
+pub mod state;
+pub mod validate;
 pub mod yaml;
 
 pub use diagnostic::Diagnostic;
