@@ -1,0 +1,521 @@
+//! SSE streams of a group (`/runs`, `/events`) that resume from the last `event_id` after a
+//! dropped connection, `wait` driven by the events stream, and single-run events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::{Event, EventStream, Eventsource};
+use futures::stream::{BoxStream, StreamExt};
+use serde::Deserialize;
+
+use super::error::ClientError;
+use super::http::{Client, segment};
+use super::retry::RetryState;
+use crate::api::{
+    ErrorObject, RunStatus, StreamEvent, TaskGroupStatus, TaskGroupStatusEvent, TaskRunEvent, paths,
+};
+
+/// What to read from a group's `/runs` stream.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunsQuery {
+    /// Only runs with this status.
+    pub status: Option<RunStatus>,
+    /// Include each run's input.
+    pub include_input: bool,
+    /// Include each completed run's output.
+    pub include_output: bool,
+    /// Start after this cursor (an `event_id` or an add-runs `run_cursor`).
+    pub last_event_id: Option<String>,
+    /// How many runs the caller knows the stream holds: a stream that ends cleanly with
+    /// fewer is treated as cut and resumed.
+    pub expected: Option<u64>,
+}
+
+impl RunsQuery {
+    /// Every run with its input and output.
+    pub fn with_results() -> Self {
+        RunsQuery {
+            include_input: true,
+            include_output: true,
+            ..RunsQuery::default()
+        }
+    }
+}
+
+/// The JSON of an `error` event.
+#[derive(Deserialize)]
+struct ErrorEventBody {
+    error: ErrorObject,
+}
+
+/// One decoded frame of a group stream.
+enum Frame<T> {
+    Item(T),
+    Failure(ErrorObject),
+    Skip,
+}
+
+/// Decodes a `/runs` frame. The SSE event name picks the type, so `task_run.state` data is
+/// read straight into [`TaskRunEvent`]; frames without a known name fall back to the JSON
+/// `type`.
+fn decode_run(ev: &Event) -> Result<Frame<TaskRunEvent>, serde_json::Error> {
+    Ok(match ev.event.as_str() {
+        "task_run.state" => Frame::Item(serde_json::from_str(&ev.data)?),
+        "error" => Frame::Failure(serde_json::from_str::<ErrorEventBody>(&ev.data)?.error),
+        _ => match serde_json::from_str::<StreamEvent>(&ev.data)? {
+            StreamEvent::RunState(run) => Frame::Item(*run),
+            StreamEvent::Error { error } => Frame::Failure(error),
+            _ => Frame::Skip,
+        },
+    })
+}
+
+/// Decodes a group `/events` frame; with `statuses_only`, run states are skipped unparsed.
+fn decode_event(ev: &Event, statuses_only: bool) -> Result<Frame<StreamEvent>, serde_json::Error> {
+    Ok(match ev.event.as_str() {
+        "task_group_status" => Frame::Item(StreamEvent::GroupStatus(serde_json::from_str::<
+            TaskGroupStatusEvent,
+        >(&ev.data)?)),
+        "task_run.state" if statuses_only => Frame::Skip,
+        "task_run.state" => Frame::Item(StreamEvent::RunState(Box::new(serde_json::from_str(
+            &ev.data,
+        )?))),
+        "error" => Frame::Failure(serde_json::from_str::<ErrorEventBody>(&ev.data)?.error),
+        _ => match serde_json::from_str::<StreamEvent>(&ev.data)? {
+            StreamEvent::Error { error } => Frame::Failure(error),
+            StreamEvent::Other => Frame::Skip,
+            other => Frame::Item(other),
+        },
+    })
+}
+
+/// Remembers the last bytes of a body, so a body that ends mid-frame (a cut that closed the
+/// connection cleanly) is told apart from one that ended after a complete frame.
+#[derive(Default)]
+struct Tail {
+    last4: AtomicU32,
+    bytes: AtomicU64,
+}
+
+impl Tail {
+    fn observe(&self, chunk: &[u8]) {
+        let mut v = self.last4.load(Ordering::Relaxed);
+        for b in chunk.iter().rev().take(4).rev() {
+            v = (v << 8) | u32::from(*b);
+        }
+        self.last4.store(v, Ordering::Relaxed);
+        self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+
+    /// True when the body so far is empty or ends with a blank line.
+    fn at_boundary(&self) -> bool {
+        let v = self.last4.load(Ordering::Relaxed);
+        self.bytes.load(Ordering::Relaxed) == 0
+            || v & 0xFFFF == 0x0A0A
+            || v & 0xFFFF == 0x0D0D
+            || v == 0x0D0A_0D0A
+    }
+}
+
+type Body = BoxStream<'static, Result<Bytes, reqwest::Error>>;
+
+/// One SSE connection: frames, an idle bound per read, and cut detection.
+struct Connection {
+    events: EventStream<Body>,
+    tail: Arc<Tail>,
+    idle: Duration,
+    endpoint: String,
+}
+
+impl Connection {
+    fn new(resp: reqwest::Response, idle: Duration, endpoint: &str) -> Self {
+        let tail = Arc::new(Tail::default());
+        let t = tail.clone();
+        let body: Body = resp
+            .bytes_stream()
+            .inspect(move |chunk| {
+                if let Ok(c) = chunk {
+                    t.observe(c);
+                }
+            })
+            .boxed();
+        Connection {
+            events: body.eventsource(),
+            tail,
+            idle,
+            endpoint: endpoint.to_string(),
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the body ended after a complete frame.
+    async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        let cut = |reason: String| ClientError::StreamCut {
+            endpoint: self.endpoint.clone(),
+            reason,
+        };
+        match tokio::time::timeout(self.idle, self.events.next()).await {
+            Err(_) => Err(cut(format!("nothing received for {:?}", self.idle))),
+            Ok(Some(Ok(ev))) => Ok(Some(ev)),
+            Ok(Some(Err(e))) => Err(cut(e.to_string())),
+            Ok(None) if self.tail.at_boundary() => Ok(None),
+            Ok(None) => Err(cut("body ended inside a frame".into())),
+        }
+    }
+}
+
+impl Client {
+    /// `GET /v1/tasks/groups/{id}/runs`: the group's runs in the order added, as a stream
+    /// that resumes after its last `event_id` when the connection drops, and ends after the
+    /// last run.
+    pub fn runs_stream(
+        &self,
+        group_id: &str,
+        query: RunsQuery,
+    ) -> BoxStream<'static, Result<TaskRunEvent, ClientError>> {
+        let client = self.clone();
+        let path = paths::group_runs(paths::V1, &segment(group_id));
+        async_stream::stream! {
+            let endpoint = format!("GET {path}");
+            let idle = client.config().stream_idle_timeout;
+            let mut cursor = query.last_event_id.clone();
+            let mut seen: u64 = 0;
+            let mut retry = RetryState::new(&client.config().retry);
+            loop {
+                let mut params = Vec::new();
+                if let Some(c) = &cursor {
+                    params.push(("last_event_id", c.clone()));
+                }
+                if let Some(s) = &query.status {
+                    params.push(("status", s.as_str().to_string()));
+                }
+                if query.include_input {
+                    params.push(("include_input", "true".to_string()));
+                }
+                if query.include_output {
+                    params.push(("include_output", "true".to_string()));
+                }
+                let resp = match client.open_sse(&path, &params, &mut retry).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                };
+                let mut conn = Connection::new(resp, idle, &endpoint);
+                let mut progressed = false;
+                let interruption = loop {
+                    let ev = match conn.next().await {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => match query.expected {
+                            Some(n) if seen < n => break ClientError::StreamCut {
+                                endpoint: endpoint.clone(),
+                                reason: format!("ended after {seen} of {n} runs"),
+                            },
+                            _ => return,
+                        },
+                        Err(e) => break e,
+                    };
+                    match decode_run(&ev) {
+                        Ok(Frame::Item(run)) => {
+                            if run.event_id.is_some() && run.event_id == cursor {
+                                continue;
+                            }
+                            if run.event_id.is_some() {
+                                cursor.clone_from(&run.event_id);
+                            }
+                            seen += 1;
+                            progressed = true;
+                            yield Ok(run);
+                        }
+                        Ok(Frame::Failure(error)) => {
+                            yield Err(ClientError::StreamError { endpoint: endpoint.clone(), error });
+                            return;
+                        }
+                        Ok(Frame::Skip) => {}
+                        Err(source) => {
+                            yield Err(ClientError::Decode { endpoint: endpoint.clone(), source });
+                            return;
+                        }
+                    }
+                };
+                if progressed {
+                    retry.reset();
+                }
+                match retry.next_delay(&interruption) {
+                    Some(delay) => {
+                        client.note_reconnect();
+                        client.pause_before_retry(&endpoint, &interruption, delay).await;
+                    }
+                    None => {
+                        yield Err(interruption);
+                        return;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// `GET /v1/tasks/groups/{id}/events`: status updates and run completions, from
+    /// `last_event_id` (or the group's beginning), resumed after dropped connections and
+    /// after the server's time limit, until the group is inactive and the server has sent
+    /// everything.
+    pub fn events_stream(
+        &self,
+        group_id: &str,
+        last_event_id: Option<String>,
+    ) -> BoxStream<'static, Result<StreamEvent, ClientError>> {
+        self.group_events(group_id, last_event_id, false)
+    }
+
+    fn group_events(
+        &self,
+        group_id: &str,
+        last_event_id: Option<String>,
+        statuses_only: bool,
+    ) -> BoxStream<'static, Result<StreamEvent, ClientError>> {
+        let client = self.clone();
+        let group_id = group_id.to_string();
+        let path = paths::group_events(paths::V1, &segment(&group_id));
+        async_stream::stream! {
+            let endpoint = format!("GET {path}");
+            let idle = client.config().stream_idle_timeout;
+            let mut cursor = last_event_id;
+            let mut retry = RetryState::new(&client.config().retry);
+            let mut last_inactive = false;
+            loop {
+                let params: Vec<(&str, String)> =
+                    cursor.iter().map(|c| ("last_event_id", c.clone())).collect();
+                let resp = match client.open_sse(&path, &params, &mut retry).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                };
+                let mut conn = Connection::new(resp, idle, &endpoint);
+                let mut progressed = false;
+                let interruption = loop {
+                    let ev = match conn.next().await {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) if last_inactive => return,
+                        Ok(None) => {
+                            // Closed while the group looked active: the server's time limit,
+                            // or a group that never reported a status. Ask the group.
+                            match client.get_group(&group_id).await {
+                                Err(e) => {
+                                    yield Err(e);
+                                    return;
+                                }
+                                Ok(g) if !g.status.is_active && !progressed => return,
+                                Ok(_) => break ClientError::StreamCut {
+                                    endpoint: endpoint.clone(),
+                                    reason: "closed before the group was inactive".into(),
+                                },
+                            }
+                        }
+                        Err(e) => break e,
+                    };
+                    match decode_event(&ev, statuses_only) {
+                        Ok(Frame::Item(event)) => {
+                            if let Some(id) = event.event_id() {
+                                if cursor.as_deref() == Some(id) {
+                                    continue;
+                                }
+                                cursor = Some(id.to_string());
+                            }
+                            if let StreamEvent::GroupStatus(s) = &event {
+                                last_inactive = !s.status.is_active;
+                            }
+                            progressed = true;
+                            yield Ok(event);
+                        }
+                        Ok(Frame::Failure(error)) => {
+                            yield Err(ClientError::StreamError { endpoint: endpoint.clone(), error });
+                            return;
+                        }
+                        Ok(Frame::Skip) => {}
+                        Err(source) => {
+                            yield Err(ClientError::Decode { endpoint: endpoint.clone(), source });
+                            return;
+                        }
+                    }
+                };
+                if progressed {
+                    retry.reset();
+                }
+                match retry.next_delay(&interruption) {
+                    Some(delay) => {
+                        client.note_reconnect();
+                        client.pause_before_retry(&endpoint, &interruption, delay).await;
+                    }
+                    None => {
+                        yield Err(interruption);
+                        return;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// Waits until the group has no active run, calling `progress` with each newer status
+    /// (the current one first). Driven by the events stream, not by polling.
+    pub async fn wait(
+        &self,
+        group_id: &str,
+        progress: impl FnMut(&TaskGroupStatus),
+    ) -> Result<TaskGroupStatus, ClientError> {
+        self.wait_from(group_id, None, progress).await
+    }
+
+    /// Like [`Client::wait`], reading the events stream after `last_event_id` (e.g. an
+    /// add-runs `event_cursor`) instead of from the group's beginning.
+    pub async fn wait_from(
+        &self,
+        group_id: &str,
+        last_event_id: Option<String>,
+        mut progress: impl FnMut(&TaskGroupStatus),
+    ) -> Result<TaskGroupStatus, ClientError> {
+        let mut last = self.get_group(group_id).await?.status;
+        progress(&last);
+        if !last.is_active {
+            return Ok(last);
+        }
+        // Statuses replayed from before `last` have fewer runs or fewer finished runs; they
+        // are skipped so progress never goes backwards, and a replayed "inactive" from an
+        // earlier moment never ends the wait.
+        let floor = last.num_task_runs;
+        let mut events = self.group_events(group_id, last_event_id, true);
+        while let Some(event) = events.next().await {
+            let StreamEvent::GroupStatus(e) = event? else {
+                continue;
+            };
+            let s = e.status;
+            if s.num_task_runs < floor {
+                continue;
+            }
+            if !s.is_active {
+                progress(&s);
+                return Ok(s);
+            }
+            if finished(&s) >= finished(&last) {
+                progress(&s);
+                last = s;
+            }
+        }
+        let status = self.get_group(group_id).await?.status;
+        progress(&status);
+        Ok(status)
+    }
+
+    /// `GET /v1/tasks/runs/{id}/events`: a single run's progress and state. Not resumable:
+    /// a cut connection ends the stream with an error.
+    pub fn run_events(&self, run_id: &str) -> BoxStream<'static, Result<StreamEvent, ClientError>> {
+        let client = self.clone();
+        let path = paths::run_events(paths::V1, &segment(run_id));
+        async_stream::stream! {
+            let endpoint = format!("GET {path}");
+            let mut retry = RetryState::new(&client.config().retry);
+            let resp = match client.open_sse(&path, &[], &mut retry).await {
+                Ok(r) => r,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            let mut conn = Connection::new(resp, client.config().stream_idle_timeout, &endpoint);
+            loop {
+                match conn.next().await {
+                    Ok(Some(ev)) => match serde_json::from_str::<StreamEvent>(&ev.data) {
+                        Ok(StreamEvent::Error { error }) => {
+                            yield Err(ClientError::StreamError { endpoint: endpoint.clone(), error });
+                            return;
+                        }
+                        Ok(event) => yield Ok(event),
+                        Err(source) => {
+                            yield Err(ClientError::Decode { endpoint: endpoint.clone(), source });
+                            return;
+                        }
+                    },
+                    Ok(None) => return,
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Runs that can change no more.
+fn finished(s: &TaskGroupStatus) -> u64 {
+    s.count(&RunStatus::Completed) + s.count(&RunStatus::Failed) + s.count(&RunStatus::Cancelled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(name: &str, data: &str) -> Event {
+        Event {
+            event: name.into(),
+            data: data.into(),
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn decodes_frames_by_name_and_by_type() {
+        let run = r#"{"type":"task_run.state","event_id":"5","run":{"run_id":"trun_1","status":"completed","is_active":false},"input":null,"output":null}"#;
+        let Ok(Frame::Item(r)) = decode_run(&event("task_run.state", run)) else {
+            panic!("not a run")
+        };
+        assert_eq!(
+            (r.event_id.as_deref(), r.run.run_id.as_str()),
+            (Some("5"), "trun_1")
+        );
+        assert!(matches!(
+            decode_run(&event("message", run)),
+            Ok(Frame::Item(_))
+        ));
+        let err = r#"{"type":"error","error":{"ref_id":"r","message":"boom"}}"#;
+        assert!(
+            matches!(decode_run(&event("error", err)), Ok(Frame::Failure(e)) if e.message == "boom")
+        );
+        let status = r#"{"type":"task_group_status","event_id":"9","status":{"num_task_runs":0,"task_run_status_counts":{},"is_active":false}}"#;
+        assert!(matches!(
+            decode_run(&event("task_group_status", status)),
+            Ok(Frame::Skip)
+        ));
+        assert!(matches!(
+            decode_event(&event("task_group_status", status), true),
+            Ok(Frame::Item(StreamEvent::GroupStatus(_)))
+        ));
+        assert!(matches!(
+            decode_event(&event("task_run.state", "not json"), true),
+            Ok(Frame::Skip)
+        ));
+        assert!(decode_event(&event("task_run.state", "not json"), false).is_err());
+    }
+
+    #[test]
+    fn tail_tells_complete_from_cut_bodies() {
+        let t = Tail::default();
+        assert!(t.at_boundary());
+        t.observe(b"event: x\ndata: {}\n\n");
+        assert!(t.at_boundary());
+        t.observe(b"data: {\"a\"");
+        assert!(!t.at_boundary());
+        t.observe(b":1}\n");
+        assert!(!t.at_boundary());
+        t.observe(b"\n");
+        assert!(t.at_boundary());
+        t.observe(b"data: x\r\n\r\n");
+        assert!(t.at_boundary());
+    }
+}
