@@ -95,6 +95,10 @@ impl TableFunctionImpl for EnrichFunction {
                 DataFusionError::Plan(format!("{ENRICH}: needs a DataFusion SessionState"))
             })?;
         let source_plan = plan_source(state, &source).map_err(|e| {
+            let e = match e.find_root() {
+                DataFusionError::Plan(m) => m.clone(),
+                other => other.to_string(),
+            };
             DataFusionError::Plan(format!("{ENRICH}('{name}'): source {source:?}: {e}"))
         })?;
         EnrichTable::try_new(
@@ -119,8 +123,12 @@ fn plan_source(state: &SessionState, source: &str) -> Result<LogicalPlan> {
     let sql = if matches!(first.as_str(), "select" | "with" | "values") || trimmed.starts_with('(')
     {
         trimmed.to_string()
-    } else {
+    } else if looks_like_table_name(trimmed) {
         format!("SELECT * FROM {trimmed}")
+    } else {
+        return Err(DataFusionError::Plan(
+            "must be a table name or a query (SELECT, WITH or VALUES)".into(),
+        ));
     };
     let dialect = state.config().options().sql_parser.dialect;
     let statement = state.sql_to_statement(&sql, &dialect)?;
@@ -135,6 +143,20 @@ fn plan_source(state: &SessionState, source: &str) -> Result<LogicalPlan> {
     // Planning is async only to look tables up in catalogs; the session's catalogs hold
     // registered tables in memory, so this completes without waiting on I/O.
     futures::executor::block_on(state.statement_to_plan(statement))
+}
+
+/// A possibly qualified, possibly quoted table name: no whitespace outside double quotes.
+fn looks_like_table_name(s: &str) -> bool {
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => return false,
+            ';' | '(' | ')' | ',' if !quoted => return false,
+            _ => {}
+        }
+    }
+    !s.is_empty() && !quoted
 }
 
 /// The table `enrich(task, source)` returns.
