@@ -425,17 +425,25 @@ impl Gen {
     }
 
     fn paragraph(&mut self, description: Option<&str>) -> String {
-        let mut s = format!("Simulated report on {}.", self.subject);
+        let mut s = format!(
+            "Simulated report on: {}",
+            self.subject.trim_end_matches('.')
+        );
+        s.push('.');
         if let Some(d) = description.filter(|d| !d.is_empty()) {
             let _ = write!(s, " Asked for: {d}.");
         }
         for _ in 0..3 {
+            let (a1, a2) = (
+                ADJECTIVES[self.rng.below(ADJECTIVES.len())],
+                ADJECTIVES[self.rng.below(ADJECTIVES.len())],
+            );
             let _ = write!(
                 s,
-                " It is a {} {} with a {} {}.",
-                ADJECTIVES[self.rng.below(ADJECTIVES.len())],
+                " It is {} {a1} {} with {} {a2} {}.",
+                article(a1),
                 NOUNS[self.rng.below(NOUNS.len())],
-                ADJECTIVES[self.rng.below(ADJECTIVES.len())],
+                article(a2),
                 NOUNS[self.rng.below(NOUNS.len())]
             );
         }
@@ -516,6 +524,14 @@ fn fit_length(mut s: String, obj: &Map<String, Value>) -> String {
         }
     }
     s
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 fn singular(name: &str) -> String {
