@@ -5,6 +5,8 @@
 //! cargo run --release --example enrich -- FILE    # any CSV/Parquet/NDJSON with `name` and `website`
 //! ```
 //!
+//! With `PARALLEL_BASE_URL` set it talks to that server (e.g. `groupflow serve`) instead.
+//!
 //! The results are streamed: the first rows are printed as a table, the rest only counted,
 //! so the example also serves to measure memory on large inputs (`benches/memory.sh`).
 
@@ -15,7 +17,7 @@ use datafusion::arrow::array::AsArray;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
-use groupflow::client::{Client, ClientConfig};
+use groupflow::client::{BASE_URL_ENV, Client, ClientConfig};
 use groupflow::server::ServerConfig;
 use groupflow::sink::TaskDefinition;
 use serde_json::json;
@@ -29,9 +31,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/companies.csv").to_string()
     });
 
-    // The local server on a free loopback port, state in memory, the `sim` processor.
-    let server = groupflow::server::start(ServerConfig::for_tests()).await?;
-    let client = Client::new(ClientConfig::new(server.base_url()))?;
+    // The local server on a free loopback port, state in memory, the `sim` processor;
+    // or the server PARALLEL_BASE_URL names.
+    let (server, client) = match std::env::var_os(BASE_URL_ENV) {
+        Some(_) => (None, Client::new(ClientConfig::from_env())?),
+        None => {
+            let server = groupflow::server::start(ServerConfig::for_tests()).await?;
+            let client = Client::new(ClientConfig::new(server.base_url()))?;
+            (Some(server), client)
+        }
+    };
 
     let ctx = SessionContext::new();
     groupflow::source::register_table(&ctx, "companies", &path, &Default::default()).await?;
@@ -91,6 +100,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{rows} rows in {:.1}s; run_status: {by_status:?}",
         started.elapsed().as_secs_f64()
     );
-    server.shutdown().await;
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
     Ok(())
 }

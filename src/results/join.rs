@@ -122,3 +122,100 @@ pub fn join_results(
 fn better(new: &TaskRunEvent, old: &TaskRunEvent) -> bool {
     new.run.status == RunStatus::Completed && old.run.status != RunStatus::Completed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::OutputSchema;
+    use crate::sink::row_key;
+    use crate::sink::spill::SpillWriter;
+    use arrow::array::{ArrayRef, Int64Array};
+    use arrow::datatypes::{Field, Schema};
+    use serde_json::json;
+
+    fn run(ordinal: u64, status: &str, n: i64) -> TaskRunEvent {
+        serde_json::from_value(json!({
+            "run": {"run_id": format!("trun_{ordinal}_{status}"), "status": status, "is_active": false,
+                    "metadata": {ROW_KEY: row_key(ordinal, b"x")},
+                    "error": if status == "failed" { json!({"ref_id": "r", "message": "no luck"}) } else { json!(null) }},
+            "output": if status == "completed" {
+                json!({"type": "json", "content": {"n": n}, "basis": []})
+            } else { json!(null) }
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rows_meet_their_runs_whatever_the_run_order() {
+        let schema = Schema::new(vec![Field::new(
+            "id",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]);
+        let mut w = SpillWriter::create(None, &schema).unwrap();
+        for ids in [vec![0, 1, 2], vec![3, 4]] {
+            let keys = ids.iter().map(|i| row_key(*i as u64, b"x")).collect();
+            let batch = RecordBatch::try_new(
+                Arc::new(schema.clone()),
+                vec![Arc::new(Int64Array::from(ids)) as ArrayRef],
+            )
+            .unwrap();
+            w.write(&batch, keys).unwrap();
+        }
+        let spill = Arc::new(w.finish().unwrap());
+        // Out of order, a failed-then-completed duplicate, a late duplicate, row 3 missing.
+        let runs: Vec<Result<TaskRunEvent, ClientError>> = vec![
+            Ok(run(4, "completed", 40)),
+            Ok(run(1, "failed", 0)),
+            Ok(run(0, "completed", 0)),
+            Ok(run(1, "completed", 10)),
+            Ok(run(2, "completed", 20)),
+            Ok(run(0, "completed", 99)),
+        ];
+        let output = OutputSchema::from_task_output(
+            &json!({"type": "object", "properties": {"n": {"type": "integer"}}}),
+            "output",
+        )
+        .unwrap();
+        let decoder = ResultDecoder::new(output);
+        let mut fields = vec![Field::new("id", arrow::datatypes::DataType::Int64, false)];
+        fields.extend(decoder.fields());
+        let out_schema = Arc::new(Schema::new(fields));
+        let batches: Vec<RecordBatch> = join_results(
+            spill,
+            "tgrp_x".into(),
+            futures::stream::iter(runs).boxed(),
+            decoder,
+            out_schema,
+        )
+        .map(|b| b.unwrap())
+        .collect()
+        .await;
+        let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let ids: Vec<i64> = all
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .values()
+            .to_vec();
+        let n: Vec<Option<i64>> = all
+            .column(1)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .iter()
+            .collect();
+        let run_ids: Vec<Option<&str>> = all.column(2).as_string::<i32>().iter().collect();
+        let status: Vec<Option<&str>> = all.column(3).as_string::<i32>().iter().collect();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        assert_eq!(n, vec![Some(0), Some(10), Some(20), None, Some(40)]);
+        assert_eq!(
+            run_ids,
+            vec![
+                Some("trun_0_completed"),
+                Some("trun_1_completed"),
+                Some("trun_2_completed"),
+                None,
+                Some("trun_4_completed")
+            ]
+        );
+        assert_eq!(status[3], Some("missing"));
+    }
+}
