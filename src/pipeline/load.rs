@@ -77,6 +77,31 @@ impl Pipeline {
         text: String,
         lookup: &impl Fn(&str) -> Option<String>,
     ) -> Result<Pipeline, LoadError> {
+        let (pipeline, problems) = Pipeline::parse(path, text, lookup)?;
+        if problems.is_empty() {
+            Ok(pipeline)
+        } else {
+            Err(LoadError::Invalid(problems))
+        }
+    }
+
+    /// Like [`Pipeline::load`], but a file whose structure is sound comes back together with
+    /// the problems the data-free checks found, so later checks can add theirs.
+    pub fn load_with_problems(path: &Path) -> Result<(Pipeline, Vec<Diagnostic>), LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Pipeline::parse(path, text, &|name: &str| std::env::var(name).ok())
+    }
+
+    /// Parses and checks; fails when the structure is broken, else returns the pipeline
+    /// and the problems of the data-free checks.
+    pub fn parse(
+        path: &Path,
+        text: String,
+        lookup: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(Pipeline, Vec<Diagnostic>), LoadError> {
         let file = path.display().to_string();
         let diag = |pos: Pos, message: String, hint: String| {
             Diagnostic::at(file.clone(), pos, message).hint(hint)
@@ -115,11 +140,7 @@ impl Pipeline {
             spec,
         };
         let problems = pipeline.static_checks();
-        if problems.is_empty() {
-            Ok(pipeline)
-        } else {
-            Err(LoadError::Invalid(problems))
-        }
+        Ok((pipeline, problems))
     }
 
     /// The file name used in diagnostics.

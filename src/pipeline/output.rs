@@ -106,11 +106,17 @@ pub async fn stage(
             let name = path
                 .file_name()
                 .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-            tempfile::Builder::new()
-                .prefix(&format!(".{name}."))
-                .suffix(".groupflow-tmp")
-                .tempfile_in(dir)
-                .map_err(io)?
+            let prefix = format!(".{name}.");
+            let mut builder = tempfile::Builder::new();
+            builder.prefix(&prefix).suffix(".groupflow-tmp");
+            // Temporary files are private (0600) by default; the output is an ordinary file,
+            // so it gets the mode a newly created file would have (0666 less the umask).
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                builder.permissions(std::fs::Permissions::from_mode(0o666));
+            }
+            builder.tempfile_in(dir).map_err(io)?
         }
         Location::S3(_) => tempfile::Builder::new()
             .prefix("output-")
@@ -127,6 +133,11 @@ pub async fn stage(
 }
 
 impl StagedOutput {
+    /// Where this output goes.
+    pub fn target(&self) -> &OutputTarget {
+        &self.target
+    }
+
     /// Rows written.
     pub fn rows(&self) -> u64 {
         self.rows
@@ -279,7 +290,11 @@ impl FormatWriter {
                     ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| enc(&e))?,
                 )
             }
-            FileFormat::Csv => Inner::Csv(arrow::csv::WriterBuilder::new().with_header(true).build(file)),
+            FileFormat::Csv => Inner::Csv(
+                arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(file),
+            ),
             FileFormat::Ndjson => Inner::Ndjson(
                 arrow::json::WriterBuilder::new()
                     .with_explicit_nulls(true)
@@ -330,10 +345,12 @@ impl FormatWriter {
                 })?;
             }
             Inner::Csv(w) => {
-                w.into_inner().sync_all().map_err(|source| OutputError::Io {
-                    path: self.display.clone(),
-                    source,
-                })?;
+                w.into_inner()
+                    .sync_all()
+                    .map_err(|source| OutputError::Io {
+                        path: self.display.clone(),
+                        source,
+                    })?;
             }
             Inner::Ndjson(mut w) => {
                 w.finish().map_err(|e| OutputError::Encode {
@@ -382,7 +399,11 @@ fn is_nested(t: &DataType) -> bool {
 /// Each value of `column` as JSON text (null stays null).
 fn json_text(field: &Field, column: &ArrayRef) -> Result<ArrayRef, arrow::error::ArrowError> {
     let one = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![Field::new("v", field.data_type().clone(), true)])),
+        Arc::new(Schema::new(vec![Field::new(
+            "v",
+            field.data_type().clone(),
+            true,
+        )])),
         vec![column.clone()],
     )?;
     let mut buf = Vec::new();
@@ -432,9 +453,14 @@ mod tests {
         .unwrap()
     }
 
-    fn stream(batches: Vec<Result<RecordBatch, datafusion::error::DataFusionError>>) -> SendableRecordBatchStream {
+    fn stream(
+        batches: Vec<Result<RecordBatch, datafusion::error::DataFusionError>>,
+    ) -> SendableRecordBatchStream {
         let schema = batch().schema();
-        Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches)))
+        Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::iter(batches),
+        ))
     }
 
     fn target(dir: &Path, name: &str) -> OutputTarget {
@@ -453,7 +479,9 @@ mod tests {
             let staged = stage(&t, stream(vec![Ok(batch()), Ok(batch())]), dir.path())
                 .await
                 .unwrap();
-            let Location::Local(path) = &t.place else { unreachable!() };
+            let Location::Local(path) = &t.place else {
+                unreachable!()
+            };
             assert!(!path.exists(), "{name} exists before commit");
             let written = staged.commit(None).await.unwrap();
             assert_eq!(written.rows, 4);
@@ -465,7 +493,10 @@ mod tests {
             ["id,name,tags", r#"1,x,"[""a"",""b\""c""]""#, "2,,"]
         );
         let nd = std::fs::read_to_string(dir.path().join("sub/o.ndjson")).unwrap();
-        assert_eq!(nd.lines().nth(1).unwrap(), r#"{"id":2,"name":null,"tags":null}"#);
+        assert_eq!(
+            nd.lines().nth(1).unwrap(),
+            r#"{"id":2,"name":null,"tags":null}"#
+        );
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().collect();
         assert_eq!(leftovers.len(), 3, "temporary files left: {leftovers:?}");
     }
@@ -485,6 +516,9 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
-        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            0
+        );
     }
 }

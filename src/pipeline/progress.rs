@@ -54,7 +54,8 @@ struct TaskState {
 }
 
 struct Inner {
-    tasks: BTreeMap<String, TaskState>,
+    /// By task name and group id: one task may run in several groups (one per call).
+    tasks: BTreeMap<(String, String), TaskState>,
 }
 
 /// The progress display of one run. Cheap to clone; all clones share state.
@@ -110,7 +111,8 @@ impl Progress {
         let mut lines = Vec::new();
         {
             let mut inner = self.lock();
-            let state = inner.tasks.entry(p.task.clone()).or_insert_with(|| TaskState {
+            let key = (p.task.clone(), p.group_id.clone());
+            let state = inner.tasks.entry(key).or_insert_with(|| TaskState {
                 report: TaskReport {
                     task: p.task.clone(),
                     ..TaskReport::default()
@@ -129,6 +131,8 @@ impl Progress {
             if let Some(status) = &p.status {
                 state.counts = status.task_run_status_counts.clone();
                 let count = |s: RunStatus| status.count(&s);
+                // Runs still queued or running at the end did not finish: they count as
+                // neither completed nor failed.
                 state.report.completed = count(RunStatus::Completed);
                 state.report.failed = count(RunStatus::Failed);
                 state.report.other = status
@@ -153,7 +157,10 @@ impl Progress {
                     bar.set_position(state.report.completed + state.report.failed);
                     bar.set_message(status_text(state));
                     if p.phase == Phase::Reading && !bar.is_finished() {
-                        bar.finish_with_message(format!("{} · reading results", status_text(state)));
+                        bar.finish_with_message(format!(
+                            "{} · reading results",
+                            status_text(state)
+                        ));
                     }
                 }
                 None => {
@@ -189,17 +196,28 @@ impl Progress {
         ));
     }
 
-    /// Removes the bars (the summary follows) and returns every task's counts.
+    /// Removes the bars (the summary follows) and returns every task's counts, summed over
+    /// its groups.
     pub fn finish(&self) -> Vec<TaskReport> {
         let inner = self.lock();
-        for state in inner.tasks.values() {
+        let mut out: BTreeMap<&str, TaskReport> = BTreeMap::new();
+        for ((task, _), state) in &inner.tasks {
             if let Some(bar) = &state.bar
                 && !bar.is_finished()
             {
                 bar.finish();
             }
+            let r = out.entry(task).or_insert_with(|| TaskReport {
+                task: task.clone(),
+                ..TaskReport::default()
+            });
+            r.group_ids.extend(state.report.group_ids.iter().cloned());
+            r.submitted += state.report.submitted;
+            r.completed += state.report.completed;
+            r.failed += state.report.failed;
+            r.other += state.report.other;
         }
-        inner.tasks.values().map(|t| t.report.clone()).collect()
+        out.into_values().collect()
     }
 }
 
@@ -271,8 +289,16 @@ mod tests {
     fn counts_reach_the_summary() {
         let p = Progress::new(ProgressMode::Quiet);
         p.on_enrich(&report(Phase::Submitting, 10, &[("queued", 10)]));
-        p.on_enrich(&report(Phase::Running, 20, &[("running", 5), ("completed", 14), ("failed", 1)]));
-        p.on_enrich(&report(Phase::Reading, 20, &[("completed", 18), ("failed", 1), ("cancelled", 1)]));
+        p.on_enrich(&report(
+            Phase::Running,
+            20,
+            &[("running", 5), ("completed", 14), ("failed", 1)],
+        ));
+        p.on_enrich(&report(
+            Phase::Reading,
+            20,
+            &[("completed", 18), ("failed", 1), ("cancelled", 1)],
+        ));
         let r = p.finish();
         assert_eq!(
             r,

@@ -36,6 +36,31 @@ pub struct Prepared {
     pub sources: BTreeMap<String, SchemaRef>,
     /// The tasks the steps call, by step index.
     pub enrich_calls: Vec<EnrichCall>,
+    /// The tables each step reads (lower-cased), by step index.
+    pub reads: Vec<BTreeSet<String>>,
+}
+
+impl Prepared {
+    /// Whether the table `name` (a source or step) needs an enrich call to be computed.
+    pub fn needs_enrich(&self, pipeline: &Pipeline, name: &str) -> bool {
+        let steps = &pipeline.spec.steps;
+        match steps.iter().position(|s| s.name == name) {
+            Some(i) => self.step_needs_enrich(pipeline, i),
+            None => false,
+        }
+    }
+
+    fn step_needs_enrich(&self, pipeline: &Pipeline, i: usize) -> bool {
+        let steps = &pipeline.spec.steps;
+        self.enrich_calls.iter().any(|c| c.step == i)
+            || self.reads.get(i).is_some_and(|reads| {
+                // Only earlier steps can be read, which also keeps this from looping.
+                steps[..i]
+                    .iter()
+                    .enumerate()
+                    .any(|(j, s)| reads.contains(&s.name) && self.step_needs_enrich(pipeline, j))
+            })
+    }
 }
 
 /// One `enrich('task', 'source')` in a step.
@@ -107,6 +132,8 @@ pub async fn prepare(
                 continue;
             }
         };
+        prepared.reads.resize(i + 1, BTreeSet::new());
+        prepared.reads[i] = found.relations.clone();
         if found.relations.iter().any(|r| broken.contains(r)) {
             broken.insert(step.name.clone());
             continue;
@@ -173,7 +200,8 @@ impl Visitor for Found {
             && name.to_string().eq_ignore_ascii_case(sql::ENRICH)
         {
             let text = |i: usize| match args.args.get(i) {
-                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
+                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value
+                {
                     Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => Some(s.clone()),
                     _ => None,
                 },
@@ -211,7 +239,8 @@ fn scan_sql(ctx: &SessionContext, sql: &str) -> Result<Found, DataFusionError> {
     Ok(found)
 }
 
-fn is_query(source: &str) -> bool {
+/// Whether an enrich source is a query (rather than a table name).
+pub fn is_query(source: &str) -> bool {
     let t = source.trim_start();
     let first = t
         .split(|c: char| c.is_whitespace() || c == '(')
@@ -219,6 +248,11 @@ fn is_query(source: &str) -> bool {
         .unwrap_or_default()
         .to_ascii_lowercase();
     matches!(first.as_str(), "select" | "with" | "values") || t.starts_with('(')
+}
+
+/// The tables `sql` reads (lower-cased), including those of its enrich sources.
+pub fn tables_in(ctx: &SessionContext, sql: &str) -> Result<BTreeSet<String>, DataFusionError> {
+    scan_sql(ctx, sql).map(|f| f.relations)
 }
 
 /// Checks one enrich call against its source's columns: the task exists, its input
@@ -237,7 +271,11 @@ async fn check_enrich_call(
             None if known.is_empty() => "define it under `tasks:`".to_string(),
             None => format!("define it under `tasks:` (defined: {})", known.join(", ")),
         };
-        out.push(pipeline.diag(sql_pos, format!("enrich() names task '{}', which is not defined", call.task), hint));
+        out.push(pipeline.diag(
+            sql_pos,
+            format!("enrich() names task '{}', which is not defined", call.task),
+            hint,
+        ));
         return;
     };
     let query = if is_query(&call.source) {
@@ -299,7 +337,13 @@ async fn check_enrich_call(
     for field in ResultDecoder::new(output).fields() {
         let name = field.name();
         if columns.contains(&name.as_str()) {
-            let path = ["tasks", call.task.as_str(), "output", "properties", name.as_str()];
+            let path = [
+                "tasks",
+                call.task.as_str(),
+                "output",
+                "properties",
+                name.as_str(),
+            ];
             let pos = if pipeline.node(&path).is_some() {
                 pipeline.key_pos(&path)
             } else {
@@ -406,13 +450,26 @@ pub fn sql_to_file_pos(text: &str, value: Pos, line: u64, column: u64) -> Pos {
     }
 }
 
-/// The tables `enrich` reads, keyed by step; empty when no step calls it.
-pub fn tasks_by_step(prepared: &Prepared) -> BTreeMap<usize, Vec<String>> {
-    let mut m: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for c in &prepared.enrich_calls {
-        m.entry(c.step).or_default().push(c.task.clone());
+/// Everything `groupflow validate` checks: the file, then its steps against the data.
+/// Returns every problem, sorted by place; empty when the pipeline is sound.
+pub async fn check_file(path: &std::path::Path) -> Result<Vec<Diagnostic>, super::LoadError> {
+    let (pipeline, mut problems) = Pipeline::load_with_problems(path)?;
+    let client = match offline_client() {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(Diagnostic::in_file(pipeline.file(), e.to_string()));
+            return Ok(problems);
+        }
+    };
+    let ctx = session();
+    let (_, more) = prepare(&pipeline, &ctx, client, EnrichOptions::default()).await;
+    for d in more {
+        if !problems.contains(&d) {
+            problems.push(d);
+        }
     }
-    m
+    problems.sort();
+    Ok(problems)
 }
 
 /// The client `validate` hands to the table functions: planning never calls it.
@@ -437,16 +494,49 @@ mod tests {
         let text = "steps:\n  - name: a\n    sql: |\n      SELECT x\n      FROM t\n  - name: b\n    sql: SELECT y FROM u\n  - name: c\n    sql: \"SELECT z\"\n";
         // literal block: line 2 col 6 of the SQL is line 5, column 6 + 6
         assert_eq!(
-            sql_to_file_pos(text, Pos { line: 3, column: 10 }, 2, 6),
-            Pos { line: 5, column: 12 }
+            sql_to_file_pos(
+                text,
+                Pos {
+                    line: 3,
+                    column: 10
+                },
+                2,
+                6
+            ),
+            Pos {
+                line: 5,
+                column: 12
+            }
         );
         assert_eq!(
-            sql_to_file_pos(text, Pos { line: 7, column: 10 }, 1, 8),
-            Pos { line: 7, column: 17 }
+            sql_to_file_pos(
+                text,
+                Pos {
+                    line: 7,
+                    column: 10
+                },
+                1,
+                8
+            ),
+            Pos {
+                line: 7,
+                column: 17
+            }
         );
         assert_eq!(
-            sql_to_file_pos(text, Pos { line: 9, column: 10 }, 1, 8),
-            Pos { line: 9, column: 18 }
+            sql_to_file_pos(
+                text,
+                Pos {
+                    line: 9,
+                    column: 10
+                },
+                1,
+                8
+            ),
+            Pos {
+                line: 9,
+                column: 18
+            }
         );
     }
 

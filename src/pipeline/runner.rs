@@ -1,0 +1,467 @@
+//! Running a pipeline: check it against its data, run each step once (materializing its
+//! result in the run's work folder), stage every output, then commit them all.
+//!
+//! ```text
+//!  load ─► connect (API or embedded server) ─► prepare (sources, functions, plan all steps)
+//!       ─► step 1 … step n   each: execute once ─► <work>/steps/<name>.arrow ─► table <name>
+//!       ─► stage outputs (temp files) ─► commit outputs (rename / upload) ─► summary
+//! ```
+//!
+//! A step runs exactly once: later steps and outputs read its file, never its plan, so an
+//! `enrich` in it submits its runs one time however many readers it has.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::datasource::file_format::options::ArrowReadOptions;
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+
+use crate::client::{API_KEY_ENV, BASE_URL_ENV, Client, ClientConfig};
+use crate::server::{self, ServerConfig, ServerHandle};
+use crate::sql::EnrichOptions;
+
+use super::error::RunError;
+use super::load::{Location, Pipeline};
+use super::output::{self, OutputTarget, Written};
+use super::progress::{Progress, TaskReport};
+use super::state::StateDir;
+use super::validate;
+
+/// How to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// The state directory, when not `.groupflow/` beside the pipeline.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Which API a run talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiTarget {
+    /// `PARALLEL_BASE_URL` (or the production default) with the key from `PARALLEL_API_KEY`.
+    Remote { base_url: String },
+    /// The local server started in-process for this run.
+    Embedded { base_url: String, db: PathBuf },
+    /// Nothing (dry runs).
+    None,
+}
+
+/// What one task did in a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskSummary {
+    pub task: String,
+    pub processor: String,
+    pub group_ids: Vec<String>,
+    pub submitted: u64,
+    pub completed: u64,
+    /// Runs that failed, were cancelled, or did not finish.
+    pub failed: u64,
+    pub max_failed_ratio: f64,
+}
+
+impl TaskSummary {
+    /// Failed runs as a fraction of submitted runs (0 with no runs).
+    pub fn failed_ratio(&self) -> f64 {
+        if self.submitted == 0 {
+            0.0
+        } else {
+            self.failed as f64 / self.submitted as f64
+        }
+    }
+
+    /// True when more runs failed than the task tolerates.
+    pub fn over_limit(&self) -> bool {
+        self.failed_ratio() > self.max_failed_ratio
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub pipeline: String,
+    pub api: ApiTarget,
+    /// Rows each step produced, in order.
+    pub steps: Vec<(String, u64)>,
+    pub tasks: Vec<TaskSummary>,
+    pub outputs: Vec<Written>,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    /// The tasks whose failed runs exceed their `max_failed_ratio`.
+    pub fn over_limit(&self) -> Vec<&TaskSummary> {
+        self.tasks.iter().filter(|t| t.over_limit()).collect()
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pipeline {}: done in {:.1}s",
+            self.pipeline,
+            self.elapsed.as_secs_f64()
+        )?;
+        for t in &self.tasks {
+            writeln!(
+                f,
+                "  task {} [{}]: rows in {}, completed {}, failed {} ({:.1}%, limit {:.1}%), group {}",
+                t.task,
+                t.processor,
+                t.submitted,
+                t.completed,
+                t.failed,
+                t.failed_ratio() * 100.0,
+                t.max_failed_ratio * 100.0,
+                if t.group_ids.is_empty() {
+                    "-".to_string()
+                } else {
+                    t.group_ids.join(", ")
+                }
+            )?;
+        }
+        for o in &self.outputs {
+            writeln!(
+                f,
+                "  output {}: rows out {}, {} bytes",
+                o.display, o.rows, o.bytes
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What a dry run found: per enrich call, the runs it would submit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRunLine {
+    pub step: String,
+    pub task: String,
+    pub processor: String,
+    /// `None` when the source depends on another task's results, unknown until they exist.
+    pub runs: Option<u64>,
+}
+
+impl fmt::Display for DryRunLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.runs {
+            Some(n) => write!(
+                f,
+                "step {}: task {} would submit {n} run(s) on processor {}",
+                self.step, self.task, self.processor
+            ),
+            None => write!(
+                f,
+                "step {}: task {} on processor {}: run count unknown (its source needs another task's results)",
+                self.step, self.task, self.processor
+            ),
+        }
+    }
+}
+
+/// The API of a run, and the embedded server when there is one.
+struct Api {
+    client: Client,
+    target: ApiTarget,
+    server: Option<ServerHandle>,
+}
+
+impl Api {
+    /// The configured API, or — with neither `PARALLEL_API_KEY` nor `PARALLEL_BASE_URL`
+    /// set — a local server started in-process, reached over HTTP like the real one.
+    async fn connect(state: &StateDir) -> Result<Api, RunError> {
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+        if set(API_KEY_ENV) || set(BASE_URL_ENV) {
+            let config = ClientConfig::from_env();
+            let base_url = config.base_url.clone();
+            let client = Client::new(config).map_err(|e| RunError::Config(e.to_string()))?;
+            return Ok(Api {
+                client,
+                target: ApiTarget::Remote { base_url },
+                server: None,
+            });
+        }
+        std::fs::create_dir_all(state.root()).map_err(|e| {
+            RunError::Storage(format!("state directory {}: {e}", state.root().display()))
+        })?;
+        let db = state.server_db();
+        let config = ServerConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db: Some(db.clone()),
+            ..ServerConfig::default()
+        };
+        let handle = server::start(config)
+            .await
+            .map_err(|e| RunError::Config(format!("embedded server: {e}")))?;
+        let base_url = handle.base_url();
+        let client = Client::new(ClientConfig::new(base_url.clone()))
+            .map_err(|e| RunError::Config(e.to_string()))?;
+        Ok(Api {
+            client,
+            target: ApiTarget::Embedded { base_url, db },
+            server: Some(handle),
+        })
+    }
+
+    async fn shutdown(self) {
+        if let Some(s) = self.server {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// Runs `pipeline`. The summary is returned even when tasks exceeded their failure limit
+/// (the caller decides the exit code); an error means the run did not complete and no
+/// output was committed.
+pub async fn run(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    progress: &Progress,
+) -> Result<Summary, RunError> {
+    let started = Instant::now();
+    let state = StateDir::for_pipeline(&pipeline.path, options.state_dir.as_deref());
+    let api = Api::connect(&state).await?;
+    match &api.target {
+        ApiTarget::Embedded { base_url, db } => eprintln!(
+            "groupflow: PARALLEL_API_KEY and PARALLEL_BASE_URL are not set: running tasks on the embedded local server at {base_url} (sim processor; state in {})",
+            db.display()
+        ),
+        ApiTarget::Remote { base_url } => progress.println(format!("groupflow: API at {base_url}")),
+        ApiTarget::None => {}
+    }
+    let result = run_with(pipeline, &state, &api, progress, started).await;
+    api.shutdown().await;
+    result
+}
+
+async fn run_with(
+    pipeline: &Pipeline,
+    state: &StateDir,
+    api: &Api,
+    progress: &Progress,
+    started: Instant,
+) -> Result<Summary, RunError> {
+    let work = state.start_run().map_err(|e| {
+        RunError::Storage(format!("state directory {}: {e}", state.root().display()))
+    })?;
+    let ctx = validate::session();
+    let options = EnrichOptions {
+        spill_dir: Some(work.spill_dir()),
+        on_progress: Some(progress.enrich_callback()),
+    };
+    let (_, problems) = validate::prepare(pipeline, &ctx, api.client.clone(), options).await;
+    if !problems.is_empty() {
+        return Err(RunError::Invalid(problems));
+    }
+    let steps = &pipeline.spec.steps;
+    // The views `prepare` planned are replaced, one by one, by the steps' materialized files.
+    for step in steps {
+        ctx.deregister_table(step.name.as_str())
+            .map_err(|e| RunError::from_step(&step.name, e))?;
+    }
+    let mut step_rows = Vec::with_capacity(steps.len());
+    for (i, step) in steps.iter().enumerate() {
+        progress.step_started(i, steps.len(), &step.name);
+        let t = Instant::now();
+        let df = ctx
+            .sql(&step.sql)
+            .await
+            .map_err(|e| RunError::from_step(&step.name, e))?;
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| RunError::from_step(&step.name, e))?;
+        let path = work.step_file(&step.name);
+        let rows = materialize(&step.name, stream, path.clone()).await?;
+        ctx.register_arrow(
+            step.name.as_str(),
+            &path.display().to_string(),
+            ArrowReadOptions::default(),
+        )
+        .await
+        .map_err(|e| RunError::from_step(&step.name, e))?;
+        progress.step_done(i, steps.len(), &step.name, rows, t.elapsed());
+        step_rows.push((step.name.clone(), rows));
+    }
+
+    let mut staged = Vec::new();
+    for (i, out) in pipeline.spec.outputs.iter().enumerate() {
+        let target = output_target(pipeline, i)?;
+        let df = ctx
+            .table(out.from.as_str())
+            .await
+            .map_err(|e| RunError::from_step(&out.from, e))?;
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| RunError::from_step(&out.from, e))?;
+        staged.push(output::stage(&target, stream, &work.staging_dir()).await?);
+    }
+    let mut written = Vec::new();
+    for s in staged {
+        let store = match &s.target().place {
+            Location::S3(url) => Some(
+                crate::source::register_object_store(&ctx, url.as_str(), None).map_err(|e| {
+                    RunError::Storage(format!("output {}: {e}", s.target().display))
+                })?,
+            ),
+            Location::Local(_) => None,
+        };
+        written.push(s.commit(store).await?);
+    }
+    for w in &written {
+        progress.println(format!("output {}: {} row(s) written", w.display, w.rows));
+    }
+    let reports = progress.finish();
+    Ok(Summary {
+        pipeline: pipeline.spec.name.clone(),
+        api: api.target.clone(),
+        steps: step_rows,
+        tasks: task_summaries(pipeline, &reports),
+        outputs: written,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Every task the pipeline defines, with what it did (tasks never called show zeros).
+fn task_summaries(pipeline: &Pipeline, reports: &[TaskReport]) -> Vec<TaskSummary> {
+    let by_task: BTreeMap<&str, &TaskReport> =
+        reports.iter().map(|r| (r.task.as_str(), r)).collect();
+    pipeline
+        .spec
+        .tasks
+        .iter()
+        .map(|(name, task)| {
+            let r = by_task.get(name.as_str());
+            let submitted = r.map_or(0, |r| r.submitted);
+            let completed = r.map_or(0, |r| r.completed);
+            TaskSummary {
+                task: name.clone(),
+                processor: task.processor.clone(),
+                group_ids: r.map(|r| r.group_ids.clone()).unwrap_or_default(),
+                submitted,
+                completed,
+                failed: submitted.saturating_sub(completed),
+                max_failed_ratio: task.max_failed_ratio,
+            }
+        })
+        .collect()
+}
+
+/// Where and how output `i` is written.
+pub fn output_target(pipeline: &Pipeline, i: usize) -> Result<OutputTarget, RunError> {
+    let out = &pipeline.spec.outputs[i];
+    let place = pipeline
+        .locate(&out.path)
+        .map_err(|e| RunError::Config(format!("output {}: {e}", out.path)))?;
+    let format = pipeline
+        .output_format(i)
+        .ok_or_else(|| RunError::Config(format!("output {}: unknown format", out.path)))?;
+    Ok(OutputTarget {
+        display: out.path.clone(),
+        place,
+        format,
+    })
+}
+
+/// Writes a step's result to an Arrow IPC file (via a temporary name, so a file under the
+/// final name is always whole). Returns the rows written.
+async fn materialize(
+    step: &str,
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    path: PathBuf,
+) -> Result<u64, RunError> {
+    let schema: SchemaRef = stream.schema();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+    let storage = |e: &dyn fmt::Display| RunError::Storage(format!("step `{step}`: {e}"));
+    let tmp = path.with_extension("arrow.tmp");
+    let file = std::fs::File::create(&tmp).map_err(|e| storage(&e))?;
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let mut w = arrow::ipc::writer::FileWriter::try_new(std::io::BufWriter::new(file), &schema)
+            .map_err(|e| e.to_string())?;
+        let mut rows = 0u64;
+        while let Some(batch) = rx.blocking_recv() {
+            rows += batch.num_rows() as u64;
+            w.write(&batch).map_err(|e| e.to_string())?;
+        }
+        w.finish().map_err(|e| e.to_string())?;
+        Ok(rows)
+    });
+    let mut failure = None;
+    while let Some(batch) = stream.next().await {
+        match batch {
+            Ok(b) => {
+                if tx.send(b).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(RunError::from_step(step, e));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let rows = writer.await.map_err(|e| storage(&e))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let rows = rows.map_err(|e| storage(&e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| storage(&e))?;
+    Ok(rows)
+}
+
+/// Counts what each enrich call would submit, without an API and without running any
+/// task: the source of each call is counted when it does not need another task's results.
+pub async fn dry_run(pipeline: &Pipeline) -> Result<Vec<DryRunLine>, RunError> {
+    let ctx: SessionContext = validate::session();
+    let client = validate::offline_client().map_err(|e| RunError::Config(e.to_string()))?;
+    let (prepared, problems) =
+        validate::prepare(pipeline, &ctx, client, EnrichOptions::default()).await;
+    if !problems.is_empty() {
+        return Err(RunError::Invalid(problems));
+    }
+    let mut lines = Vec::new();
+    for call in &prepared.enrich_calls {
+        let step = &pipeline.spec.steps[call.step];
+        let processor = pipeline
+            .spec
+            .tasks
+            .get(&call.task)
+            .map(|t| t.processor.clone())
+            .unwrap_or_default();
+        let query = if validate::is_query(&call.source) {
+            call.source.clone()
+        } else {
+            format!("SELECT * FROM {}", call.source)
+        };
+        let reads_enrich = validate::tables_in(&ctx, &query)
+            .map_err(|e| RunError::from_step(&step.name, e))?
+            .iter()
+            .any(|t| prepared.needs_enrich(pipeline, t));
+        let runs = if reads_enrich {
+            None
+        } else {
+            let df = ctx
+                .sql(&query)
+                .await
+                .map_err(|e| RunError::from_step(&step.name, e))?;
+            Some(
+                df.count()
+                    .await
+                    .map_err(|e| RunError::from_step(&step.name, e))? as u64,
+            )
+        };
+        lines.push(DryRunLine {
+            step: step.name.clone(),
+            task: call.task.clone(),
+            processor,
+            runs,
+        });
+    }
+    Ok(lines)
+}
