@@ -15,7 +15,7 @@ use arrow::json::reader::Decoder;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::schema::OutputSchema;
+use super::schema::{EnumRule, OutputSchema};
 use crate::api::{FieldBasis, RunStatus, TaskRunEvent, TaskRunOutput};
 
 /// `run_status` of a completed run whose output does not fit the output schema.
@@ -185,11 +185,18 @@ impl ResultDecoder {
                 }
                 Ok((vec![Arc::new(b.finish())], has_output))
             }
-            OutputSchema::Json { decode } => {
+            OutputSchema::Json { decode, enums } => {
                 let mut rows: Vec<(usize, &Value)> = Vec::with_capacity(candidates.len());
                 for (i, out) in candidates {
                     match out {
-                        TaskRunOutput::Json { content, .. } => rows.push((*i, content)),
+                        TaskRunOutput::Json { content, .. } => match enum_violation(enums, content)
+                        {
+                            None => rows.push((*i, content)),
+                            Some(e) => {
+                                status[*i] = Some(STATUS_INVALID_OUTPUT.into());
+                                errors[*i] = Some(format!("output does not fit the schema: {e}"));
+                            }
+                        },
                         TaskRunOutput::Text { .. } => {
                             status[*i] = Some(STATUS_INVALID_OUTPUT.into());
                             errors[*i] = Some("expected a JSON output, got text".into());
@@ -236,6 +243,24 @@ impl ResultDecoder {
             None => Ok(arrow::array::new_null_array(&basis_type(), 0)),
         }
     }
+}
+
+/// The first enum rule `content` breaks, as a message.
+fn enum_violation(rules: &[EnumRule], content: &Value) -> Option<String> {
+    rules.iter().find_map(|rule| {
+        let mut v = content;
+        for key in &rule.path {
+            v = v.get(key)?;
+        }
+        let s = v.as_str()?;
+        (!rule.allowed.iter().any(|a| a == s)).then(|| {
+            format!(
+                "`{}` is {s:?}, not one of {:?}",
+                rule.path.join("."),
+                rule.allowed
+            )
+        })
+    })
 }
 
 /// The text of a failed run's `run_error`.
@@ -323,6 +348,7 @@ mod tests {
         let output = OutputSchema::from_task_output(
             &json!({"type": "object", "properties": {
                 "n": {"type": "integer"},
+                "tier": {"enum": ["a", "b"]},
                 "tags": {"type": "array", "items": {"type": "string"}},
                 "day": {"type": "string", "format": "date"}
             }, "required": ["n"]}),
@@ -336,6 +362,7 @@ mod tests {
         );
         let bad = completed("trun_2", json!({"n": "many"}));
         let missing_required = completed("trun_3", json!({"tags": []}));
+        let bad_enum = completed("trun_5", json!({"n": 5, "tier": "c"}));
         let failed = event(json!({
             "run": {"run_id": "trun_4", "status": "failed", "is_active": false,
                     "error": {"ref_id": "x", "message": "boom"}}
@@ -348,6 +375,7 @@ mod tests {
                 None,
                 Some(&missing_required),
                 Some(&failed),
+                Some(&bad_enum),
             ],
         );
         let lines: Vec<&str> = t.lines().collect();
@@ -369,6 +397,10 @@ mod tests {
         assert!(lines[6].contains("invalid_output"), "{t}");
         assert!(
             lines[7].contains("failed") && lines[7].contains("boom"),
+            "{t}"
+        );
+        assert!(
+            lines[8].contains("invalid_output") && lines[8].contains("`tier` is \"c\""),
             "{t}"
         );
     }

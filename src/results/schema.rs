@@ -34,9 +34,20 @@ pub enum OutputSchema {
         /// Decoding schema: a required property is non-nullable here, so output that lacks
         /// it fails to decode and the row is marked invalid.
         decode: SchemaRef,
+        /// String enums reachable through objects only (not inside arrays): the property
+        /// path and the allowed values. Decoding cannot check these; the decoder does.
+        enums: Vec<EnumRule>,
     },
     /// A text output: one `output` Utf8 column.
     Text,
+}
+
+/// The values a string property may take, and where the property is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnumRule {
+    /// Property names from the output's root, e.g. `["headquarters", "region"]`.
+    pub path: Vec<String>,
+    pub allowed: Vec<String>,
 }
 
 /// Name of the single column of a text output.
@@ -58,8 +69,11 @@ impl OutputSchema {
                     ));
                 }
                 let fields = object_fields(m, path)?;
+                let mut enums = Vec::new();
+                collect_enums(m, &mut Vec::new(), &mut enums);
                 Ok(OutputSchema::Json {
                     decode: Arc::new(Schema::new(fields)),
+                    enums,
                 })
             }
             other => Err(err(
@@ -76,7 +90,7 @@ impl OutputSchema {
     /// since failed rows have no output.
     pub fn columns(&self) -> Fields {
         match self {
-            OutputSchema::Json { decode } => decode
+            OutputSchema::Json { decode, .. } => decode
                 .fields()
                 .iter()
                 .map(|f| Arc::new(f.as_ref().clone().with_nullable(true)))
@@ -85,6 +99,43 @@ impl OutputSchema {
                 Fields::from(vec![Field::new(TEXT_OUTPUT_COLUMN, DataType::Utf8, true)])
             }
         }
+    }
+}
+
+/// Finds string `enum`s under `m`'s properties, following nested objects (also through an
+/// `anyOf`/`oneOf` null union) but not arrays.
+fn collect_enums(m: &Map<String, Value>, path: &mut Vec<String>, out: &mut Vec<EnumRule>) {
+    let Some(Value::Object(props)) = m.get("properties") else {
+        return;
+    };
+    for (name, schema) in props {
+        let node = ["anyOf", "oneOf"]
+            .iter()
+            .find_map(|k| schema.get(*k).and_then(Value::as_array))
+            .and_then(|branches| {
+                branches
+                    .iter()
+                    .find(|b| b.get("type").and_then(Value::as_str) != Some("null"))
+            })
+            .unwrap_or(schema);
+        let Value::Object(node) = node else { continue };
+        path.push(name.clone());
+        if let Some(Value::Array(values)) = node.get("enum") {
+            let allowed: Vec<String> = values
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            if !allowed.is_empty() {
+                out.push(EnumRule {
+                    path: path.clone(),
+                    allowed,
+                });
+            }
+        }
+        if node.contains_key("properties") {
+            collect_enums(node, path, out);
+        }
+        path.pop();
     }
 }
 
@@ -274,7 +325,7 @@ mod tests {
 
     fn decode_schema(v: Value) -> SchemaRef {
         match OutputSchema::from_task_output(&v, "output").unwrap() {
-            OutputSchema::Json { decode } => decode,
+            OutputSchema::Json { decode, .. } => decode,
             OutputSchema::Text => panic!("text"),
         }
     }
@@ -306,6 +357,29 @@ mod tests {
             &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
         );
         assert_eq!(f("tier"), Field::new("tier", DataType::Utf8, false));
+        let OutputSchema::Json { enums, .. } = OutputSchema::from_task_output(
+            &json!({"type": "object", "properties": {
+                "tier": {"enum": ["a", "b"]},
+                "hq": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["x"]}}}
+            }}),
+            "output",
+        )
+        .unwrap() else {
+            panic!("json")
+        };
+        assert_eq!(
+            enums,
+            vec![
+                EnumRule {
+                    path: vec!["hq".into(), "zone".into()],
+                    allowed: vec!["x".into()]
+                },
+                EnumRule {
+                    path: vec!["tier".into()],
+                    allowed: vec!["a".into(), "b".into()]
+                },
+            ]
+        );
         assert_eq!(f("maybe"), Field::new("maybe", DataType::Int64, true));
     }
 
