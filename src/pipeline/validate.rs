@@ -108,12 +108,22 @@ pub async fn prepare(
         .cloned()
         .collect();
 
-    let tasks: HashMap<_, _> = pipeline
-        .spec
-        .tasks
-        .iter()
-        .map(|(n, t)| (n.clone(), t.definition()))
-        .collect();
+    // A task `sql::register` would refuse is reported and left out, so the other tasks and
+    // the steps that do not use it are still checked.
+    let mut tasks = HashMap::new();
+    let mut broken_tasks = BTreeSet::new();
+    for (name, task) in &pipeline.spec.tasks {
+        let def = task.definition();
+        match task_problem(name, &def) {
+            None => {
+                tasks.insert(name.clone(), def);
+            }
+            Some(e) => {
+                out.push(register_problem(pipeline, &e));
+                broken_tasks.insert(name.clone());
+            }
+        }
+    }
     if let Err(e) = sql::register(ctx, tasks, client, options) {
         out.push(register_problem(pipeline, &e));
         return (prepared, out);
@@ -148,6 +158,10 @@ pub async fn prepare(
                 task: call.task.clone(),
                 source: call.source.clone(),
             });
+        }
+        if found.calls.iter().any(|c| broken_tasks.contains(&c.task)) {
+            broken.insert(step.name.clone());
+            continue;
         }
         match ctx.sql(&step.sql).await {
             Ok(df) => {
@@ -289,6 +303,17 @@ async fn check_enrich_call(
         Err(_) => return,
     };
     let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    if columns.is_empty() {
+        out.push(pipeline.diag(
+            sql_pos,
+            format!(
+                "the source {:?} of task `{}` has no columns",
+                call.source, call.task
+            ),
+            "check that the source's files are not empty",
+        ));
+        return;
+    }
     let list = columns.join(", ");
     match &task.input {
         InputMapping::Columns(m) => {
@@ -359,6 +384,20 @@ async fn check_enrich_call(
             ));
         }
     }
+}
+
+/// What `sql::register` would say about task `name`, if anything.
+fn task_problem(name: &str, def: &crate::sink::TaskDefinition) -> Option<RegisterError> {
+    if let Err(e) = OutputSchema::from_task_output(&def.output, &format!("tasks.{name}.output")) {
+        return Some(RegisterError::Schema(e));
+    }
+    def.input
+        .columns()
+        .err()
+        .map(|source| RegisterError::Template {
+            task: name.to_string(),
+            source,
+        })
 }
 
 /// A problem `sql::register` found in a task, placed at the part of the task it names.
@@ -463,8 +502,14 @@ pub async fn check_file(path: &std::path::Path) -> Result<Vec<Diagnostic>, super
     };
     let ctx = session();
     let (_, more) = prepare(&pipeline, &ctx, client, EnrichOptions::default()).await;
+    // The data checks can meet a problem the file checks already explained (an unknown
+    // type in an output schema): one line per problem, the more precise one.
+    let lines: BTreeSet<u64> = problems
+        .iter()
+        .filter_map(|d| d.pos.map(|p| p.line))
+        .collect();
     for d in more {
-        if !problems.contains(&d) {
+        if !d.pos.is_some_and(|p| lines.contains(&p.line)) {
             problems.push(d);
         }
     }
