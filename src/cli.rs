@@ -262,17 +262,23 @@ fn report(e: &RunError) -> i32 {
 async fn validate(args: ValidateArgs) -> i32 {
     let mut code = exit::OK;
     for path in &args.pipelines {
-        match pipeline::validate::check_file(path).await {
-            Ok(problems) if problems.is_empty() => println!("{}: ok", path.display()),
-            Ok(problems) => {
-                for p in &problems {
-                    eprintln!("{p}");
-                }
-                eprintln!("{}: {} problem(s)", path.display(), problems.len());
-                code = exit::INVALID;
+        let problems = match pipeline::validate::check_file(path).await {
+            Ok(problems) => problems,
+            Err(pipeline::LoadError::Invalid(problems)) => problems,
+            Err(e) => {
+                code = code.max(report(&RunError::Load(e)));
+                continue;
             }
-            Err(e) => code = code.max(report(&RunError::Load(e))),
+        };
+        if problems.is_empty() {
+            println!("{}: ok", path.display());
+            continue;
         }
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        code = code.max(exit::INVALID);
     }
     code
 }

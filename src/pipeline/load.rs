@@ -188,10 +188,12 @@ impl Pipeline {
 
     /// The folder relative paths are resolved against: the pipeline file's folder.
     pub fn base_dir(&self) -> PathBuf {
-        match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        }
+        // A bare file name has the empty path as parent: paths then stay relative to the
+        // working directory, as the user wrote them.
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     /// Where a `path:` value points: `s3://` URLs as they are, local paths joined to

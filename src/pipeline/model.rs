@@ -61,8 +61,8 @@ impl SourceSpec {
                 SourceFormat::Ndjson => crate::source::Format::NdJson,
             }),
             has_header: self.has_header,
-            // Multi-byte delimiters are rejected by `validate` before this is used.
-            delimiter: self.delimiter.and_then(|c| u8::try_from(c).ok()),
+            // Other delimiters are refused by the loader before this is used.
+            delimiter: self.delimiter.filter(char::is_ascii).map(|c| c as u8),
             s3: None,
         }
     }

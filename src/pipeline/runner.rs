@@ -223,6 +223,19 @@ pub async fn run(
     progress: &Progress,
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
+    // Everything `validate` checks is checked before the API is touched or the state
+    // directory created, so a broken pipeline leaves nothing behind.
+    let client = validate::offline_client().map_err(|e| RunError::Config(e.to_string()))?;
+    let (_, problems) = validate::prepare(
+        pipeline,
+        &validate::session(),
+        client,
+        EnrichOptions::default(),
+    )
+    .await;
+    if !problems.is_empty() {
+        return Err(RunError::Invalid(problems));
+    }
     let state = StateDir::for_pipeline(&pipeline.path, options.state_dir.as_deref());
     let api = Api::connect(&state).await?;
     match &api.target {

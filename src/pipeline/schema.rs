@@ -316,7 +316,11 @@ impl Checker<'_> {
                 {
                     self.push(
                         pos,
-                        format!("{what} {s:?} is not a valid name"),
+                        if what.contains(&format!("`{s}`")) {
+                            format!("{what} is not a valid name")
+                        } else {
+                            format!("{what} {s:?} is not a valid name")
+                        },
                         pattern_hint(p),
                     );
                 }

@@ -30,8 +30,7 @@ impl StateDir {
             Some(p) => p.to_path_buf(),
             None => pipeline
                 .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
+                .unwrap_or(Path::new(""))
                 .join(DEFAULT_STATE_DIR),
         };
         StateDir { root }
@@ -107,7 +106,7 @@ mod tests {
         let s = StateDir::for_pipeline(Path::new("pipelines/a.yaml"), None);
         assert_eq!(s.root(), Path::new("pipelines/.groupflow"));
         let s = StateDir::for_pipeline(Path::new("a.yaml"), None);
-        assert_eq!(s.root(), Path::new("./.groupflow"));
+        assert_eq!(s.root(), Path::new(".groupflow"));
         let tmp = tempfile::tempdir().unwrap();
         let s = StateDir::for_pipeline(Path::new("a.yaml"), Some(tmp.path()));
         let work = s.start_run().unwrap();

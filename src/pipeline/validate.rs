@@ -10,7 +10,7 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, ObjectName, TableFactor, Value, Visit, Visitor,
+    Expr, FunctionArg, FunctionArgExpr, ObjectName, Statement, TableFactor, Value, Visit, Visitor,
 };
 
 use crate::client::Client;
@@ -20,6 +20,7 @@ use crate::sql::{self, EnrichOptions, RegisterError};
 
 use super::diagnostic::{Diagnostic, did_you_mean};
 use super::load::{Location, Pipeline};
+use super::output_schema;
 use super::yaml::Pos;
 
 /// A session set up the way pipelines need it: SQL spans collected (for error positions).
@@ -89,6 +90,9 @@ pub async fn prepare(
             Ok(Location::S3(u)) => u.to_string(),
             Err(_) => continue, // reported by the loader
         };
+        if source.delimiter.is_some_and(|c| !c.is_ascii()) {
+            continue; // reported by the loader
+        }
         match crate::source::register_table(ctx, name, &location, &source.options()).await {
             Ok(info) => {
                 prepared.sources.insert(name.clone(), info.schema);
@@ -114,6 +118,15 @@ pub async fn prepare(
     let mut broken_tasks = BTreeSet::new();
     for (name, task) in &pipeline.spec.tasks {
         let def = task.definition();
+        // The loader has reported a schema the API would refuse; planning with it would
+        // only add a second, vaguer line.
+        let refused = pipeline
+            .node(&["tasks", name, "output"])
+            .is_some_and(|n| n.as_map().is_some() && !output_schema::check(name, n).is_empty());
+        if refused {
+            broken_tasks.insert(name.clone());
+            continue;
+        }
         match task_problem(name, &def) {
             None => {
                 tasks.insert(name.clone(), def);
@@ -131,9 +144,15 @@ pub async fn prepare(
 
     // Tables that could not be made; steps reading them are skipped, not reported again.
     let mut broken: BTreeSet<String> = failed_sources;
+    let mut names: BTreeSet<&str> = pipeline.spec.sources.keys().map(String::as_str).collect();
     for (i, step) in pipeline.spec.steps.iter().enumerate() {
         let idx = i.to_string();
         let sql_pos = pipeline.pos(&["steps", &idx, "sql"]);
+        if !names.insert(&step.name) {
+            // A name taken twice is reported by the loader; the step cannot be registered.
+            broken.insert(step.name.clone());
+            continue;
+        }
         let found = match scan_sql(ctx, &step.sql) {
             Ok(f) => f,
             Err(e) => {
@@ -238,6 +257,22 @@ fn scan_sql(ctx: &SessionContext, sql: &str) -> Result<Found, DataFusionError> {
     let mut pending = vec![sql.to_string()];
     while let Some(text) = pending.pop() {
         let statement = state.sql_to_statement(&text, &dialect)?;
+        // `SessionContext::sql` executes DDL and DML as it plans them, so anything but a
+        // query is refused before it gets there.
+        match &statement {
+            DfStatement::Statement(s) if matches!(**s, Statement::Query(_)) => {}
+            other => {
+                let kind = other.to_string();
+                let kind = kind
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                return Err(DataFusionError::Plan(format!(
+                    "a step is one query (SELECT, WITH or VALUES), not `{kind} …`"
+                )));
+            }
+        }
         let before = found.calls.len();
         if let DfStatement::Statement(s) = &statement {
             let _ = s.visit(&mut found);
@@ -303,9 +338,16 @@ async fn check_enrich_call(
         Err(_) => return,
     };
     let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    // Problems of a source table itself are placed at that source's `path:`.
+    let source_pos = if is_query(&call.source) {
+        None
+    } else {
+        let name = call.source.trim();
+        pipeline.node(&["sources", name, "path"]).map(|n| n.pos)
+    };
     if columns.is_empty() {
         out.push(pipeline.diag(
-            sql_pos,
+            source_pos.unwrap_or(sql_pos),
             format!(
                 "the source {:?} of task `{}` has no columns",
                 call.source, call.task
@@ -423,22 +465,62 @@ fn register_problem(pipeline: &Pipeline, e: &RegisterError) -> Diagnostic {
 /// where in the query the problem is.
 fn sql_problem(pipeline: &Pipeline, idx: &str, name: &str, e: &DataFusionError) -> Diagnostic {
     let node_pos = pipeline.pos(&["steps", idx, "sql"]);
-    let span = e
+    let text = first_line(&e.strip_backtrace());
+    // Planner errors carry a span when spans are collected; parser errors only say
+    // "at Line: L, Column: C" in their text.
+    let at = e
         .diagnostic()
         .and_then(|d| d.span)
-        .filter(|s| s.start.line > 0);
-    let pos = span
-        .map(|s| sql_to_file_pos(&pipeline.text, node_pos, s.start.line, s.start.column))
+        .filter(|s| s.start.line > 0)
+        .map(|s| (s.start.line, s.start.column))
+        .or_else(|| parser_position(&text));
+    let pos = at
+        .map(|(line, column)| sql_to_file_pos(&pipeline.text, node_pos, line, column))
         .unwrap_or(node_pos);
     let message = match e.diagnostic() {
         Some(d) => d.message.clone(),
-        None => first_line(&e.strip_backtrace()),
+        None => plain_message(&text),
     };
     let hint = e
         .diagnostic()
         .and_then(|d| d.helps.first().map(|h| h.message.clone()))
         .unwrap_or_else(|| "fix the query (tables: sources and earlier steps)".into());
     pipeline.diag(pos, format!("step `{name}`: {message}"), hint)
+}
+
+/// `… at Line: 3, Column: 7` in a SQL parser error.
+fn parser_position(text: &str) -> Option<(u64, u64)> {
+    let rest = &text[text.rfind("at Line: ")? + "at Line: ".len()..];
+    let (line, rest) = rest.split_once(", Column: ")?;
+    let column: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((line.trim().parse().ok()?, column.parse().ok()?))
+}
+
+/// A DataFusion error's text without the wrappers that say nothing to a pipeline author.
+fn plain_message(text: &str) -> String {
+    let mut t = text.trim();
+    loop {
+        let before = t;
+        for prefix in [
+            "Error during planning: ",
+            "SQL error: ",
+            "Schema error: ",
+            "Arrow error: ",
+        ] {
+            t = t.strip_prefix(prefix).unwrap_or(t);
+        }
+        if t == before {
+            break;
+        }
+    }
+    if let Some(inner) = t
+        .strip_prefix("ParserError(\"")
+        .and_then(|x| x.strip_suffix("\")"))
+    {
+        let inner = inner.split(" at Line: ").next().unwrap_or(inner);
+        return format!("syntax error: {inner}");
+    }
+    t.to_string()
 }
 
 fn first_line(s: &str) -> String {
@@ -583,6 +665,17 @@ mod tests {
                 column: 18
             }
         );
+    }
+
+    #[test]
+    fn parser_errors_lose_their_wrappers_and_keep_their_place() {
+        let text = r#"SQL error: ParserError("Expected: an SQL statement, found: SELEC at Line: 2, Column: 5")"#;
+        assert_eq!(parser_position(text), Some((2, 5)));
+        assert_eq!(
+            plain_message(text),
+            "syntax error: Expected: an SQL statement, found: SELEC"
+        );
+        assert_eq!(plain_message("Error during planning: x"), "x");
     }
 
     #[test]
