@@ -643,6 +643,38 @@ fn a_refused_api_key_exits_3_without_showing_the_key() {
 }
 
 #[test]
+fn a_request_the_api_rejects_exits_4() {
+    let dir = examples();
+    // The server checks inputs against the task's input schema; names are not integers.
+    let pipeline = "version: 1
+name: rejected
+sources:
+  companies: { path: data/companies.csv }
+tasks:
+  research:
+    processor: lite
+    input: { company_name: name }
+    input_schema:
+      type: object
+      properties: { company_name: { type: integer } }
+      required: [company_name]
+    output: { type: object, properties: { summary: { type: string } }, required: [summary] }
+steps:
+  - { name: enriched, sql: \"SELECT * FROM enrich('research', 'companies')\" }
+outputs:
+  - { from: enriched, path: out/enriched.parquet }
+";
+    std::fs::write(dir.path().join("rejected.yaml"), pipeline).unwrap();
+    let out = groupflow(dir.path(), &["run", "rejected.yaml"], &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    let stderr = text(&out.stderr);
+    let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+    assert!(error.contains("422"), "{error}");
+    assert!(error.chars().count() < 700, "error line not cut: {error}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
 fn ctrl_c_exits_130_and_leaves_no_output() {
     let server = Serve::start(&["--sim-latency-ms", "60000"]);
     let dir = examples();

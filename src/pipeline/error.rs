@@ -43,7 +43,7 @@ impl RunError {
             RunError::Load(LoadError::Invalid(d)) | RunError::Invalid(d) => {
                 d.iter().map(ToString::to_string).collect()
             }
-            other => vec![format!("error: {other}")],
+            other => vec![format!("error: {}", shorten(&other.to_string()))],
         }
     }
 
@@ -105,4 +105,16 @@ fn find_root(e: &DataFusionError) -> &DataFusionError {
 
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().to_string()
+}
+
+/// Longest error line printed; API errors that list one problem per input are cut here.
+const MAX_LINE_CHARS: usize = 600;
+
+fn shorten(s: &str) -> String {
+    let line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= MAX_LINE_CHARS {
+        return line;
+    }
+    let cut: String = line.chars().take(MAX_LINE_CHARS).collect();
+    format!("{cut}…")
 }

@@ -229,8 +229,25 @@ impl Pipeline {
             }
         }
 
-        // Tasks: input mappings and output schemas.
+        // Tasks: processors, input mappings and output schemas.
         for (name, task) in &spec.tasks {
+            if !is_known_processor(&task.processor) {
+                let hint = match did_you_mean(&task.processor, schema::PROCESSORS.iter().copied()) {
+                    Some(close) => format!("did you mean `{close}`?"),
+                    None => format!(
+                        "use one of {} (optionally with -fast)",
+                        schema::PROCESSORS.join(", ")
+                    ),
+                };
+                out.push(self.diag(
+                    self.pos(&["tasks", name, "processor"]),
+                    format!(
+                        "task `{name}`: the API has no processor `{}`",
+                        task.processor
+                    ),
+                    hint,
+                ));
+            }
             if let crate::sink::InputMapping::Template(t) = &task.input
                 && let Err(e) = parse_template(t)
             {
@@ -245,6 +262,28 @@ impl Pipeline {
             {
                 for p in output_schema::check(name, output) {
                     out.push(self.diag(p.pos, p.message, p.hint));
+                }
+            }
+            if let crate::sink::InputMapping::Columns(keys) = &task.input
+                && let Some(required) = self
+                    .node(&["tasks", name, "input_schema", "required"])
+                    .and_then(|r| match &r.value {
+                        super::yaml::Value::Seq(items) => Some(items),
+                        _ => None,
+                    })
+            {
+                for key in required {
+                    if let Some(k) = key.as_str()
+                        && !keys.contains_key(k)
+                    {
+                        out.push(self.diag(
+                            key.pos,
+                            format!(
+                                "the input schema of task `{name}` requires `{k}`, which the input mapping does not fill"
+                            ),
+                            format!("add `{k}: <column>` under `input:`"),
+                        ));
+                    }
                 }
             }
             if let Some(schema) = self.node(&["tasks", name, "input_schema"])
@@ -334,6 +373,11 @@ impl Pipeline {
         out.sort();
         out
     }
+}
+
+/// A processor the API documents, with or without the `-fast` suffix.
+pub fn is_known_processor(name: &str) -> bool {
+    schema::PROCESSORS.contains(&name.strip_suffix("-fast").unwrap_or(name))
 }
 
 /// Resolves a `path:` value against `base`.

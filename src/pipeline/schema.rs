@@ -19,6 +19,10 @@ use super::yaml::{Node, Pos, Value};
 pub const TABLE_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]*$";
 /// Names of tasks, as written in `enrich('name', …)`.
 pub const TASK_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_.-]*$";
+/// The processors the API documents; each also exists with a `-fast` suffix.
+pub const PROCESSORS: &[&str] = &[
+    "lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x",
+];
 /// The failed-row ratio a task tolerates when it does not say.
 pub const DEFAULT_MAX_FAILED_RATIO: f64 = 0.1;
 
@@ -109,7 +113,8 @@ fn build() -> J {
                         "description": "The Parallel processor each run asks for (lite, base, core, pro, ultra, …).",
                         "type": "string",
                         "minLength": 1,
-                        "default": "core"
+                        "default": "core",
+                        "examples": ["lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x", "lite-fast", "core-fast", "pro-fast"]
                     },
                     "input": {
                         "description": "A mapping of JSON input key to column name, or a text template with {column} placeholders.",
@@ -479,6 +484,7 @@ mod tests {
         "title",
         "description",
         "default",
+        "examples",
         "type",
         "const",
         "enum",
@@ -506,7 +512,7 @@ mod tests {
                         .into_iter()
                         .flatten()
                         .for_each(|(_, s)| keywords(s, out)),
-                    "const" | "enum" | "default" | "required" => {}
+                    "const" | "enum" | "default" | "examples" | "required" => {}
                     _ => keywords(v, out),
                 }
             }
