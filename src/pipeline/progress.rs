@@ -223,7 +223,7 @@ impl Progress {
 
 fn new_bar(multi: &MultiProgress, task: &str) -> ProgressBar {
     let style = ProgressStyle::with_template(
-        "{prefix:.bold} [{bar:28.cyan/blue}] {pos}/{len} {msg} · {per_sec} · ETA {eta}",
+        "{prefix:.bold} [{bar:28.cyan/blue}] {pos}/{len} {msg} · ETA {eta}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
@@ -254,12 +254,11 @@ fn status_text(state: &TaskState) -> String {
         state.report.completed,
         state.report.failed
     );
-    if state.bar.is_none() {
-        text.push_str(&format!(" · {rate:.1}/s"));
-        let left = state.report.submitted.saturating_sub(done);
-        if rate > 0.0 && left > 0 {
-            text.push_str(&format!(" · ETA {:.0}s", left as f64 / rate));
-        }
+    text.push_str(&format!(" · {rate:.1}/s"));
+    // Bars show indicatif's own ETA; lines carry one computed from the same rate.
+    let left = state.report.submitted.saturating_sub(done);
+    if state.bar.is_none() && rate > 0.0 && left > 0 {
+        text.push_str(&format!(" · ETA {:.0}s", left as f64 / rate));
     }
     text
 }

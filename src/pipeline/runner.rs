@@ -47,7 +47,7 @@ pub enum ApiTarget {
     Remote { base_url: String },
     /// The local server started in-process for this run.
     Embedded { base_url: String, db: PathBuf },
-    /// Nothing (dry runs).
+    /// None: no step calls the API (plain SQL pipelines, dry runs).
     None,
 }
 
@@ -225,11 +225,11 @@ pub async fn run(
     let started = Instant::now();
     // Everything `validate` checks is checked before the API is touched or the state
     // directory created, so a broken pipeline leaves nothing behind.
-    let client = validate::offline_client().map_err(|e| RunError::Config(e.to_string()))?;
-    let (_, problems) = validate::prepare(
+    let offline = validate::offline_client().map_err(|e| RunError::Config(e.to_string()))?;
+    let (prepared, problems) = validate::prepare(
         pipeline,
         &validate::session(),
-        client,
+        offline.clone(),
         EnrichOptions::default(),
     )
     .await;
@@ -237,7 +237,21 @@ pub async fn run(
         return Err(RunError::Invalid(problems));
     }
     let state = StateDir::for_pipeline(&pipeline.path, options.state_dir.as_deref());
-    let api = Api::connect(&state).await?;
+    // A pipeline of plain SQL needs no API: no server is started, no key is needed.
+    let needs_api = !prepared.enrich_calls.is_empty()
+        || prepared
+            .reads
+            .iter()
+            .any(|r| r.contains(crate::sql::TASK_GROUP_RUNS));
+    let api = if needs_api {
+        Api::connect(&state).await?
+    } else {
+        Api {
+            client: offline,
+            target: ApiTarget::None,
+            server: None,
+        }
+    };
     match &api.target {
         ApiTarget::Embedded { base_url, db } => eprintln!(
             "groupflow: PARALLEL_API_KEY and PARALLEL_BASE_URL are not set: running tasks on the embedded local server at {base_url} (sim processor; state in {})",
