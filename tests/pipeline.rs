@@ -608,6 +608,15 @@ fn too_many_failed_rows_exit_5_with_the_output_written_and_failed_rows_marked() 
         .filter(|&i| statuses[i].as_deref() == Some("failed"))
         .collect();
     assert!(failed.len() > 2, "{statuses:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "completed {}, failed {} (",
+            24 - failed.len(),
+            failed.len()
+        )),
+        "the summary counts the failed rows: {stdout}"
+    );
     for i in failed {
         assert!(
             errors[i].as_deref().is_some_and(|e| !e.is_empty()),

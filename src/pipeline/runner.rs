@@ -280,7 +280,7 @@ async fn run_with(
         spill_dir: Some(work.spill_dir()),
         on_progress: Some(progress.enrich_callback()),
     };
-    let (_, problems) = validate::prepare(pipeline, &ctx, api.client.clone(), options).await;
+    let (prepared, problems) = validate::prepare(pipeline, &ctx, api.client.clone(), options).await;
     if !problems.is_empty() {
         return Err(RunError::Invalid(problems));
     }
@@ -291,6 +291,9 @@ async fn run_with(
             .map_err(|e| RunError::from_step(&step.name, e))?;
     }
     let mut step_rows = Vec::with_capacity(steps.len());
+    // Rows of a step with one enrich call whose `run_status` is not `completed`: besides
+    // failed runs, this counts rows whose output did not fit the schema or had no run.
+    let mut failed_by_task: BTreeMap<String, u64> = BTreeMap::new();
     for (i, step) in steps.iter().enumerate() {
         progress.step_started(i, steps.len(), &step.name);
         let t = Instant::now();
@@ -313,6 +316,15 @@ async fn run_with(
         .map_err(|e| RunError::from_step(&step.name, e))?;
         progress.step_done(i, steps.len(), &step.name, rows, t.elapsed());
         step_rows.push((step.name.clone(), rows));
+        let calls: Vec<_> = prepared
+            .enrich_calls
+            .iter()
+            .filter(|c| c.step == i)
+            .collect();
+        if let [call] = calls.as_slice() {
+            let failed = failed_rows(&ctx, &step.name).await?;
+            *failed_by_task.entry(call.task.clone()).or_default() += failed;
+        }
     }
 
     let mut staged = Vec::new();
@@ -348,14 +360,18 @@ async fn run_with(
         pipeline: pipeline.spec.name.clone(),
         api: api.target.clone(),
         steps: step_rows,
-        tasks: task_summaries(pipeline, &reports),
+        tasks: task_summaries(pipeline, &reports, &failed_by_task),
         outputs: written,
         elapsed: started.elapsed(),
     })
 }
 
 /// Every task the pipeline defines, with what it did (tasks never called show zeros).
-fn task_summaries(pipeline: &Pipeline, reports: &[TaskReport]) -> Vec<TaskSummary> {
+fn task_summaries(
+    pipeline: &Pipeline,
+    reports: &[TaskReport],
+    failed_rows: &BTreeMap<String, u64>,
+) -> Vec<TaskSummary> {
     let by_task: BTreeMap<&str, &TaskReport> =
         reports.iter().map(|r| (r.task.as_str(), r)).collect();
     pipeline
@@ -372,11 +388,41 @@ fn task_summaries(pipeline: &Pipeline, reports: &[TaskReport]) -> Vec<TaskSummar
                 group_ids: r.map(|r| r.group_ids.clone()).unwrap_or_default(),
                 submitted,
                 completed,
-                failed: submitted.saturating_sub(completed),
+                failed: submitted
+                    .saturating_sub(completed)
+                    .max(failed_rows.get(name).copied().unwrap_or(0)),
                 max_failed_ratio: task.max_failed_ratio,
             }
         })
         .collect()
+}
+
+/// Rows of materialized step `step` whose `run_status` is not `completed` (0 when the step
+/// has no such column).
+async fn failed_rows(ctx: &SessionContext, step: &str) -> Result<u64, RunError> {
+    let df = ctx
+        .table(step)
+        .await
+        .map_err(|e| RunError::from_step(step, e))?;
+    if df
+        .schema()
+        .field_with_unqualified_name("run_status")
+        .is_err()
+    {
+        return Ok(0);
+    }
+    let failed = df
+        .filter({
+            use datafusion::prelude::{col, lit};
+            col("run_status")
+                .not_eq(lit("completed"))
+                .or(col("run_status").is_null())
+        })
+        .map_err(|e| RunError::from_step(step, e))?
+        .count()
+        .await
+        .map_err(|e| RunError::from_step(step, e))?;
+    Ok(failed as u64)
 }
 
 /// Where and how output `i` is written.
