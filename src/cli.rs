@@ -61,17 +61,23 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Commands {
-    /// Run a pipeline: read its sources, run its steps (submitting each task's runs once),
-    /// write its outputs atomically.
+    /// Run a pipeline: read its sources, run its steps, write its outputs.
+    ///
+    /// Checks the pipeline as `validate` does, then runs each step once (a task's runs are
+    /// submitted once, whatever reads the step), then writes every output atomically.
     ///
     /// With neither PARALLEL_API_KEY nor PARALLEL_BASE_URL set, the runs go to a local
     /// server started in-process (sim processor), which costs nothing. Progress goes to
     /// stderr (bars on a terminal, lines otherwise); the summary to stdout.
     #[command(after_help = AFTER_HELP)]
     Run(RunArgs),
-    /// Check a pipeline without running it: the file's structure, references, output
-    /// schemas, and every step's SQL planned against the sources' schemas. Reports every
-    /// problem, one per line (`file:line:column: what — what to do`); exits 2 if any.
+    /// Check a pipeline without running it; report every problem, one per line.
+    ///
+    /// Checks the file's structure, names and references, the output schemas against the
+    /// API's limits, each task's input mapping against its source's columns, and plans every
+    /// step's SQL against the sources' schemas (nothing is executed or submitted). Each
+    /// problem is one line, `file:line:column: what is wrong — what to do`; the exit code
+    /// is 2 if there is any.
     #[command(after_help = AFTER_HELP)]
     Validate(ValidateArgs),
     /// Print the JSON Schema of pipeline files (for editors: yaml-language-server, VS Code).
