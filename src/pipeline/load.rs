@@ -117,14 +117,24 @@ impl Pipeline {
             .into_iter()
             .map(|p| diag(p.pos, p.message, p.hint))
             .collect();
+        let violations = schema::check(&doc);
+        // Unknown keys (the commonest slip) do not stop the other checks: once they are
+        // reported, they are taken out and the rest of the file is checked as usual.
+        let only_unknown_keys = violations.iter().all(|v| v.unknown_key);
+        let unknown: Vec<Pos> = violations
+            .iter()
+            .filter(|v| v.unknown_key)
+            .map(|v| v.pos)
+            .collect();
         problems.extend(
-            schema::check(&doc)
+            violations
                 .into_iter()
                 .map(|v| diag(v.pos, v.message, v.hint)),
         );
-        if !problems.is_empty() {
+        if !problems.is_empty() && !(only_unknown_keys && problems.len() == unknown.len()) {
             return Err(LoadError::Invalid(problems));
         }
+        doc.remove_keys_at(&unknown);
         let spec: PipelineSpec = serde_json::from_value(doc.to_json()).map_err(|e| {
             // The schema check passed, so this means the schema and the structs disagree.
             LoadError::Invalid(vec![diag(
@@ -139,7 +149,7 @@ impl Pipeline {
             doc,
             spec,
         };
-        let problems = pipeline.static_checks();
+        problems.extend(pipeline.static_checks());
         Ok((pipeline, problems))
     }
 
@@ -460,6 +470,17 @@ outputs:
             p.key_pos(&["tasks", "research"]),
             Pos { line: 7, column: 3 }
         );
+    }
+
+    #[test]
+    fn unknown_keys_do_not_hide_the_other_problems() {
+        let bad = GOOD
+            .replace("processor: lite", "processor: lite\n    procesor: core")
+            .replace("from: companies", "from: companys");
+        let errs = load(&bad).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].contains("unknown key `procesor`"), "{errs:?}");
+        assert!(errs[1].contains("reads `companys`"), "{errs:?}");
     }
 
     #[test]

@@ -185,6 +185,9 @@ pub struct Violation {
     pub pos: Pos,
     pub message: String,
     pub hint: String,
+    /// The violation is a key the schema does not allow, written at `pos`; removing it
+    /// leaves the rest of the document checkable.
+    pub unknown_key: bool,
 }
 
 /// Every way `doc` breaks [`pipeline_schema`], in document order.
@@ -211,6 +214,7 @@ impl Checker<'_> {
             pos,
             message,
             hint: hint.into(),
+            unknown_key: false,
         });
     }
 
@@ -403,6 +407,9 @@ impl Checker<'_> {
                             None => format!("remove it; allowed keys: {}", known.join(", ")),
                         };
                         self.push(k.pos, format!("unknown key `{key}` in {what}"), hint);
+                        if let Some(last) = self.out.last_mut() {
+                            last.unknown_key = true;
+                        }
                     }
                     Some(sub @ J::Object(_)) => self.node(v, sub, &path, k.pos),
                     _ => {}

@@ -153,6 +153,18 @@ impl Node {
         }
     }
 
+    /// Removes, anywhere in the tree, the mapping entries whose key starts at one of `keys`.
+    pub fn remove_keys_at(&mut self, keys: &[Pos]) {
+        match &mut self.value {
+            Value::Map(entries) => {
+                entries.retain(|(k, _)| !keys.contains(&k.pos));
+                entries.iter_mut().for_each(|(_, v)| v.remove_keys_at(keys));
+            }
+            Value::Seq(items) => items.iter_mut().for_each(|n| n.remove_keys_at(keys)),
+            _ => {}
+        }
+    }
+
     /// Calls `f` on every string scalar (not keys), depth first, in document order.
     pub fn visit_strings_mut(&mut self, f: &mut impl FnMut(Pos, &mut String)) {
         let pos = self.pos;
