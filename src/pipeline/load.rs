@@ -120,7 +120,6 @@ impl Pipeline {
         let violations = schema::check(&doc);
         // Unknown keys (the commonest slip) do not stop the other checks: once they are
         // reported, they are taken out and the rest of the file is checked as usual.
-        let only_unknown_keys = violations.iter().all(|v| v.unknown_key);
         let unknown: Vec<Pos> = violations
             .iter()
             .filter(|v| v.unknown_key)
@@ -131,7 +130,7 @@ impl Pipeline {
                 .into_iter()
                 .map(|v| diag(v.pos, v.message, v.hint)),
         );
-        if !problems.is_empty() && !(only_unknown_keys && problems.len() == unknown.len()) {
+        if problems.len() > unknown.len() {
             return Err(LoadError::Invalid(problems));
         }
         doc.remove_keys_at(&unknown);
