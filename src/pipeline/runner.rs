@@ -2,7 +2,8 @@
 //! result in the run's work folder), stage every output, then commit them all.
 //!
 //! ```text
-//!  load ─► connect (API or embedded server) ─► prepare (sources, functions, plan all steps)
+//!  load ─► check offline (as `validate`) ─► connect (API, embedded server, or none)
+//!       ─► prepare (sources, table functions, plan every step)
 //!       ─► step 1 … step n   each: execute once ─► <work>/steps/<name>.arrow ─► table <name>
 //!       ─► stage outputs (temp files) ─► commit outputs (rename / upload) ─► summary
 //! ```
