@@ -121,6 +121,22 @@ impl Tail {
 
 type Body = BoxStream<'static, Result<Bytes, reqwest::Error>>;
 
+/// Largest piece handed to the SSE parser. eventsource-stream copies the rest of its buffer
+/// for every line it takes, so its cost grows with the square of the chunk size: a 40 MB
+/// body read as one chunk takes minutes, in 16 KiB pieces about a second.
+const MAX_PIECE: usize = 16 * 1024;
+
+/// Splits a large chunk into zero-copy pieces of at most [`MAX_PIECE`] bytes.
+fn pieces<E>(chunk: Result<Bytes, E>) -> Vec<Result<Bytes, E>> {
+    match chunk {
+        Ok(b) if b.len() > MAX_PIECE => (0..b.len())
+            .step_by(MAX_PIECE)
+            .map(|i| Ok(b.slice(i..(i + MAX_PIECE).min(b.len()))))
+            .collect(),
+        other => vec![other],
+    }
+}
+
 /// One SSE connection: frames, an idle bound per read, and cut detection.
 struct Connection {
     events: EventStream<Body>,
@@ -140,6 +156,7 @@ impl Connection {
                     t.observe(c);
                 }
             })
+            .flat_map(|chunk| futures::stream::iter(pieces(chunk)))
             .boxed();
         Connection {
             events: body.eventsource(),
@@ -501,6 +518,22 @@ mod tests {
             Ok(Frame::Skip)
         ));
         assert!(decode_event(&event("task_run.state", "not json"), false).is_err());
+    }
+
+    #[test]
+    fn large_chunks_are_cut_into_small_pieces() {
+        let big = Bytes::from(vec![b'x'; 3 * MAX_PIECE + 5]);
+        let parts = pieces::<()>(Ok(big.clone()));
+        assert_eq!(parts.len(), 4);
+        let mut joined = Vec::new();
+        for p in parts {
+            let p = p.unwrap();
+            assert!(p.len() <= MAX_PIECE);
+            joined.extend_from_slice(&p);
+        }
+        assert_eq!(joined, big);
+        assert_eq!(pieces::<()>(Ok(Bytes::from_static(b"ab"))).len(), 1);
+        assert_eq!(pieces::<()>(Err(())).len(), 1);
     }
 
     #[test]
