@@ -143,6 +143,28 @@ impl ClientError {
         self.api_error().and_then(|e| e.retry_after)
     }
 
+    /// Removes `secret` from every text the server put in this error, in case a server
+    /// echoes the API key back.
+    pub(crate) fn scrubbed(mut self, secret: &str) -> Self {
+        match &mut self {
+            ClientError::Api { error, .. } => {
+                scrub_str(&mut error.message, secret);
+                if let Some(d) = &mut error.detail {
+                    scrub_value(d, secret);
+                }
+            }
+            ClientError::StreamError { error, .. } => {
+                scrub_str(&mut error.message, secret);
+                scrub_str(&mut error.ref_id, secret);
+                if let Some(d) = &mut error.detail {
+                    scrub_value(d, secret);
+                }
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// Classifies a reqwest failure of `endpoint`.
     pub(crate) fn from_reqwest(endpoint: &str, source: reqwest::Error) -> Self {
         let endpoint = endpoint.to_string();
@@ -151,6 +173,32 @@ impl ClientError {
         } else {
             ClientError::Transport { endpoint, source }
         }
+    }
+}
+
+fn scrub_str(s: &mut String, secret: &str) {
+    if !secret.is_empty() && s.contains(secret) {
+        *s = s.replace(secret, "<redacted>");
+    }
+}
+
+fn scrub_value(v: &mut Value, secret: &str) {
+    match v {
+        Value::String(s) => scrub_str(s, secret),
+        Value::Array(items) => items.iter_mut().for_each(|i| scrub_value(i, secret)),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains(secret)) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(mut k, v)| {
+                        scrub_str(&mut k, secret);
+                        (k, v)
+                    })
+                    .collect();
+            }
+            map.values_mut().for_each(|i| scrub_value(i, secret));
+        }
+        _ => {}
     }
 }
 
@@ -275,6 +323,19 @@ mod tests {
         assert_eq!(e.retry_after, Some(Duration::from_secs(3)));
         let e = api_error_from_parts(500, &HeaderMap::new(), b"");
         assert_eq!(e.message, "(no message)");
+    }
+
+    #[test]
+    fn echoed_secrets_are_scrubbed() {
+        let body = br#"{"type":"error","error":{"ref_id":"r","message":"bad key sk-123","detail":{"sk-123":["sk-123"]}}}"#;
+        let err = ClientError::Api {
+            endpoint: "GET /x".into(),
+            error: Box::new(api_error_from_parts(401, &HeaderMap::new(), body)),
+        }
+        .scrubbed("sk-123");
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("sk-123"), "{text}");
+        assert!(text.contains("bad key <redacted>"), "{text}");
     }
 
     #[test]

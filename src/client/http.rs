@@ -357,10 +357,18 @@ impl Client {
             .bytes()
             .await
             .map_err(|e| ClientError::from_reqwest(endpoint, e))?;
-        Err(ClientError::Api {
+        Err(self.scrub(ClientError::Api {
             endpoint: endpoint.to_string(),
             error: Box::new(api_error_from_parts(status.as_u16(), &headers, &body)),
-        })
+        }))
+    }
+
+    /// Removes the API key from what a server wrote into an error.
+    pub(crate) fn scrub(&self, err: ClientError) -> ClientError {
+        match self.inner.config.api_key() {
+            Some(k) => err.scrubbed(k.expose()),
+            None => err,
+        }
     }
 
     /// One add-runs POST of an already serialized body, with `refresh_status=false`.

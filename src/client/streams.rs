@@ -247,7 +247,7 @@ impl Client {
                             yield Ok(run);
                         }
                         Ok(Frame::Failure(error)) => {
-                            yield Err(ClientError::StreamError { endpoint: endpoint.clone(), error });
+                            yield Err(client.scrub(ClientError::StreamError { endpoint: endpoint.clone(), error }));
                             return;
                         }
                         Ok(Frame::Skip) => {}
@@ -350,7 +350,7 @@ impl Client {
                             yield Ok(event);
                         }
                         Ok(Frame::Failure(error)) => {
-                            yield Err(ClientError::StreamError { endpoint: endpoint.clone(), error });
+                            yield Err(client.scrub(ClientError::StreamError { endpoint: endpoint.clone(), error }));
                             return;
                         }
                         Ok(Frame::Skip) => {}
@@ -448,7 +448,7 @@ impl Client {
                 match conn.next().await {
                     Ok(Some(ev)) => match serde_json::from_str::<StreamEvent>(&ev.data) {
                         Ok(StreamEvent::Error { error }) => {
-                            yield Err(ClientError::StreamError { endpoint: endpoint.clone(), error });
+                            yield Err(client.scrub(ClientError::StreamError { endpoint: endpoint.clone(), error }));
                             return;
                         }
                         Ok(event) => yield Ok(event),
