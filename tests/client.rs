@@ -132,6 +132,7 @@ async fn ten_thousand_inputs_through_faults_become_exactly_ten_thousand_runs() {
         .collect();
     assert_eq!(results.len(), 10_000);
     assert_eq!(with_output.len(), 10_000, "10,000 distinct results");
+    eprintln!("through faults: {:?}", client.stats());
     server.shutdown().await;
 
     // Read the same state back through a server without faults.
