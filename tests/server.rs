@@ -817,7 +817,7 @@ async fn unknown_groups_and_runs_are_404_with_the_error_body() {
     let missing_run = "trun_0123456789abcdef0000000000000999";
     for path in [
         format!("/v1/tasks/groups/{missing_group}"),
-        format!("/v1beta/tasks/groups/not-an-id"),
+        "/v1beta/tasks/groups/not-an-id".to_string(),
         format!("/v1/tasks/groups/{missing_group}/runs"),
         format!("/v1/tasks/groups/{missing_group}/events"),
         format!("/v1/tasks/groups/{g}/runs/{missing_run}"),
