@@ -563,3 +563,31 @@ async fn api_failures_surface_as_enrich_errors() {
     assert!(enrich.client_error().is_some());
     assert!(err.to_string().contains("enrich('research')"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_row_appears_exactly_once_across_batches() {
+    let t = task(json!({
+        "processor": "lite",
+        "input": "Item {id}",
+        "output": {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+    }));
+    let config = ServerConfig {
+        sim: SimConfig {
+            failure_rate: 0.1,
+            ..SimConfig::default()
+        },
+        ..ServerConfig::for_tests()
+    };
+    let env = Env::start(config, vec![("score", t)]).await;
+    // More rows than one source batch, one encoding slice and one join slice.
+    let table = env
+        .pretty(
+            "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(DISTINCT run_id) AS runs, \
+                    sum(CASE WHEN run_status = 'completed' THEN 1 ELSE 0 END) = count(score) AS outputs_match, \
+                    min(id) AS lo, max(id) AS hi \
+             FROM enrich('score', 'SELECT value AS id FROM generate_series(1, 20000)')",
+        )
+        .await;
+    insta::assert_snapshot!("many_rows", table);
+    env.server.shutdown().await;
+}

@@ -21,6 +21,10 @@ use crate::client::{ClientError, ROW_KEY, row_key_value};
 use crate::sink::row_key_ordinal;
 use crate::sink::spill::{Spill, SpillError};
 
+/// Rows joined (and run outputs held, parsed) at a time: the spill's batches are cut to
+/// this size, which bounds the working set of parsed results.
+const JOIN_ROWS: usize = 1024;
+
 /// Why reading results stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -68,52 +72,55 @@ pub fn join_results(
         // Runs read but not yet emitted, by row key.
         let mut pending: HashMap<String, TaskRunEvent> = HashMap::new();
         let mut emitted: u64 = 0;
-        while let Some(batch) = reader.next_batch()? {
-            let key_col = batch.num_columns() - 1;
-            let keys = batch.column(key_col).as_string::<i32>().clone();
-            let mut missing = (0..keys.len())
-                .filter(|i| !pending.contains_key(keys.value(*i)))
-                .count();
-            while missing > 0 && !runs_done {
-                let Some(ev) = runs.next().await else {
-                    runs_done = true;
-                    break;
-                };
-                let ev = ev.map_err(|source| JoinError::Client { group_id: group_id.clone(), source })?;
-                let Some(key) = run_row_key(&ev) else { continue };
-                let ordinal = row_key_ordinal(&key);
-                // A second run for a row already emitted (a double submission) is ignored.
-                if ordinal.is_some_and(|o| o < emitted) {
-                    continue;
-                }
-                // Row keys start with their row's position, so the batch row is found directly.
-                let in_batch = ordinal
-                    .map(|o| o - emitted)
-                    .filter(|i| *i < keys.len() as u64)
-                    .is_some_and(|i| keys.value(i as usize) == key);
-                match pending.get(&key) {
-                    None => {
-                        if in_batch {
-                            missing -= 1;
+        while let Some(spilled) = reader.next_batch()? {
+            for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
+                let batch = spilled.slice(offset, JOIN_ROWS.min(spilled.num_rows() - offset));
+                let key_col = batch.num_columns() - 1;
+                let keys = batch.column(key_col).as_string::<i32>().clone();
+                let mut missing = (0..keys.len())
+                    .filter(|i| !pending.contains_key(keys.value(*i)))
+                    .count();
+                while missing > 0 && !runs_done {
+                    let Some(ev) = runs.next().await else {
+                        runs_done = true;
+                        break;
+                    };
+                    let ev = ev.map_err(|source| JoinError::Client { group_id: group_id.clone(), source })?;
+                    let Some(key) = run_row_key(&ev) else { continue };
+                    let ordinal = row_key_ordinal(&key);
+                    // A second run for a row already emitted (a double submission) is ignored.
+                    if ordinal.is_some_and(|o| o < emitted) {
+                        continue;
+                    }
+                    // Row keys start with their row's position, so the batch row is found directly.
+                    let in_batch = ordinal
+                        .map(|o| o - emitted)
+                        .filter(|i| *i < keys.len() as u64)
+                        .is_some_and(|i| keys.value(i as usize) == key);
+                    match pending.get(&key) {
+                        None => {
+                            if in_batch {
+                                missing -= 1;
+                            }
+                            pending.insert(key, ev);
                         }
-                        pending.insert(key, ev);
+                        Some(old) if better(&ev, old) => {
+                            pending.insert(key, ev);
+                        }
+                        Some(_) => {}
                     }
-                    Some(old) if better(&ev, old) => {
-                        pending.insert(key, ev);
-                    }
-                    Some(_) => {}
                 }
+                let rows: Vec<Option<&TaskRunEvent>> =
+                    (0..keys.len()).map(|i| pending.get(keys.value(i))).collect();
+                let mut cols = batch.columns()[..key_col].to_vec();
+                cols.extend(decoder.decode(&rows)?);
+                let out = RecordBatch::try_new(schema.clone(), cols)?;
+                for i in 0..keys.len() {
+                    pending.remove(keys.value(i));
+                }
+                emitted += keys.len() as u64;
+                yield out;
             }
-            let rows: Vec<Option<&TaskRunEvent>> =
-                (0..keys.len()).map(|i| pending.get(keys.value(i))).collect();
-            let mut cols = batch.columns()[..key_col].to_vec();
-            cols.extend(decoder.decode(&rows)?);
-            let out = RecordBatch::try_new(schema.clone(), cols)?;
-            for i in 0..keys.len() {
-                pending.remove(keys.value(i));
-            }
-            emitted += keys.len() as u64;
-            yield out;
         }
     }
 }

@@ -17,8 +17,10 @@ use super::spill::{Spill, SpillError, SpillWriter};
 use crate::api::{TaskRunInput, TaskSpec};
 use crate::client::{Client, ClientError, row_key_of};
 
-/// Source batches waiting to be encoded between the producer and the client.
-const CHANNEL_BATCHES: usize = 2;
+/// Rows encoded at a time.
+const SLICE_ROWS: usize = 1000;
+/// Encoded slices waiting between the producer and the client.
+const CHANNEL_SLICES: usize = 2;
 
 /// Why a submission stopped.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +89,7 @@ pub async fn submit(
         spill_dir,
     } = target;
     let writer = SpillWriter::create(spill_dir, schema)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<TaskRunInput>>(CHANNEL_BATCHES);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<TaskRunInput>>(CHANNEL_SLICES);
     let producer = tokio::spawn(produce(input, encoder, writer, tx));
 
     let inputs = futures::stream::unfold(rx, |mut rx| async move {
@@ -146,15 +148,19 @@ async fn produce(
         if batch.num_rows() == 0 {
             continue;
         }
-        let inputs = encoder.encode(&batch, writer.rows())?;
-        let keys = inputs
-            .iter()
-            .map(|i| row_key_of(i).unwrap_or_default())
-            .collect();
-        writer.write(&batch, keys)?;
-        if tx.send(inputs).await.is_err() {
-            break;
+        // Encoded inputs are several times larger than their rows, so they are made and
+        // handed over a slice at a time; the spill gets the whole batch once all are sent.
+        let first = writer.rows();
+        let mut keys = Vec::with_capacity(batch.num_rows());
+        for offset in (0..batch.num_rows()).step_by(SLICE_ROWS) {
+            let len = SLICE_ROWS.min(batch.num_rows() - offset);
+            let inputs = encoder.encode(&batch.slice(offset, len), first + offset as u64)?;
+            keys.extend(inputs.iter().map(|i| row_key_of(i).unwrap_or_default()));
+            if tx.send(inputs).await.is_err() {
+                return Ok(writer);
+            }
         }
+        writer.write(&batch, keys)?;
     }
     Ok(writer)
 }
