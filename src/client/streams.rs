@@ -257,18 +257,9 @@ impl Client {
                         }
                     }
                 };
-                if progressed {
-                    retry.reset();
-                }
-                match retry.next_delay(&interruption) {
-                    Some(delay) => {
-                        client.note_reconnect();
-                        client.pause_before_retry(&endpoint, &interruption, delay).await;
-                    }
-                    None => {
-                        yield Err(interruption);
-                        return;
-                    }
+                if let Err(e) = client.reconnect_after(&endpoint, &mut retry, progressed, interruption).await {
+                    yield Err(e);
+                    return;
                 }
             }
         }
@@ -360,18 +351,9 @@ impl Client {
                         }
                     }
                 };
-                if progressed {
-                    retry.reset();
-                }
-                match retry.next_delay(&interruption) {
-                    Some(delay) => {
-                        client.note_reconnect();
-                        client.pause_before_retry(&endpoint, &interruption, delay).await;
-                    }
-                    None => {
-                        yield Err(interruption);
-                        return;
-                    }
+                if let Err(e) = client.reconnect_after(&endpoint, &mut retry, progressed, interruption).await {
+                    yield Err(e);
+                    return;
                 }
             }
         }
@@ -470,6 +452,30 @@ impl Client {
 }
 
 /// Runs that can change no more.
+impl Client {
+    /// After a stream was interrupted: waits out the backoff and returns `Ok` to reconnect,
+    /// or hands the interruption back once the retry budget is spent. A connection that
+    /// delivered events starts the budget afresh.
+    async fn reconnect_after(
+        &self,
+        endpoint: &str,
+        retry: &mut RetryState,
+        progressed: bool,
+        interruption: ClientError,
+    ) -> Result<(), ClientError> {
+        if progressed {
+            retry.reset();
+        }
+        let Some(delay) = retry.next_delay(&interruption) else {
+            return Err(interruption);
+        };
+        self.note_reconnect();
+        self.pause_before_retry(endpoint, &interruption, delay)
+            .await;
+        Ok(())
+    }
+}
+
 fn finished(s: &TaskGroupStatus) -> u64 {
     s.count(&RunStatus::Completed) + s.count(&RunStatus::Failed) + s.count(&RunStatus::Cancelled)
 }
