@@ -105,6 +105,14 @@ pub struct RunArgs {
     /// How to show progress on stderr.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
+    /// Submit again the rows whose runs failed in earlier runs (completed results are
+    /// reused); their new results replace the failed ones in the output.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Do not reuse results of earlier runs: submit every distinct input again. (An
+    /// interrupted run is still resumed without resubmitting what it already sent.)
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// Flags of `groupflow validate`.
@@ -218,8 +226,13 @@ async fn run(args: RunArgs) -> i32 {
             Err(e) => report(&e),
         };
     }
+    let state = pipeline::StateDir::for_pipeline(&args.pipeline, args.state_dir.as_deref());
     let options = RunOptions {
         state_dir: args.state_dir,
+        ledger: crate::ledger::LedgerOptions {
+            no_cache: args.no_cache,
+            retry_failed: args.retry_failed,
+        },
     };
     let progress = pipeline::Progress::new(args.progress);
     let outcome = tokio::select! {
@@ -227,7 +240,8 @@ async fn run(args: RunArgs) -> i32 {
         _ = tokio::signal::ctrl_c() => {
             progress.finish();
             eprintln!(
-                "interrupted: no output was written; run `groupflow run {}` again to start over",
+                "interrupted: submitting stopped and no output was written; the runs already submitted are recorded in {} — run `groupflow run {}` again to resume without submitting them again",
+                state.ledger_db().display(),
                 args.pipeline.display()
             );
             return exit::INTERRUPTED;
@@ -242,10 +256,10 @@ async fn run(args: RunArgs) -> i32 {
             } else {
                 for t in over {
                     eprintln!(
-                        "error: task {}: {} of {} runs failed ({:.1}%), more than max_failed_ratio {} — outputs are written with run_status = 'failed' on those rows; raise max_failed_ratio or rerun",
+                        "error: task {}: {} of {} rows failed ({:.1}%), more than max_failed_ratio {} — outputs are written with run_status = 'failed' on those rows; raise max_failed_ratio, or run again with --retry-failed to resubmit only them",
                         t.task,
                         t.failed,
-                        t.submitted,
+                        t.rows(),
                         t.failed_ratio() * 100.0,
                         t.max_failed_ratio
                     );

@@ -236,9 +236,10 @@ fn company_research_runs_on_the_embedded_server() {
 
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("task research [core]: rows in 24, completed 24, failed 0"),
+        stdout.contains("task research [core]: rows in 24, runs submitted 24, runs saved 0"),
         "{stdout}"
     );
+    assert!(stdout.contains("completed 24, failed 0 (0.0%"), "{stdout}");
     assert!(
         stdout.contains("output out/companies_enriched.parquet: rows out 24"),
         "{stdout}"

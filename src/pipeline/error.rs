@@ -63,7 +63,13 @@ impl RunError {
                         ..
                     } => RunError::Data(text),
                     EnrichError::Submit {
-                        source: SubmitError::Spill(_),
+                        source: SubmitError::Spill(_) | SubmitError::Ledger(_),
+                        ..
+                    }
+                    | EnrichError::Ledger { .. }
+                    | EnrichError::Results {
+                        source:
+                            crate::results::JoinError::Ledger(_) | crate::results::JoinError::Spill(_),
                         ..
                     } => RunError::Storage(text),
                     _ => RunError::Api(text),

@@ -20,3 +20,4 @@ pub use load::{LoadError, Location, Pipeline};
 pub use model::{FileFormat, OutputSpec, PipelineSpec, SourceSpec, StepSpec, TaskConfig};
 pub use progress::{Progress, ProgressMode};
 pub use runner::{RunOptions, Summary, dry_run, run};
+pub use state::StateDir;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::api::RunStatus;
+use crate::ledger::ClaimCounts;
 use crate::sql::{EnrichProgress, Phase, ProgressFn};
 
 /// Shortest time between two plain progress lines of one task.
@@ -38,6 +39,8 @@ pub struct TaskReport {
     pub group_ids: Vec<String>,
     /// Runs added to the groups.
     pub submitted: u64,
+    /// What the rows were claimed as: new runs, shared within the run, resumed, cached.
+    pub claims: ClaimCounts,
     pub completed: u64,
     pub failed: u64,
     /// Runs that ended neither completed nor failed (cancelled, or unknown statuses).
@@ -54,8 +57,8 @@ struct TaskState {
 }
 
 struct Inner {
-    /// By task name and group id: one task may run in several groups (one per call).
-    tasks: BTreeMap<(String, String), TaskState>,
+    /// By task name and execution: one task may be called by several steps.
+    tasks: BTreeMap<(String, u64), TaskState>,
 }
 
 /// The progress display of one run. Cheap to clone; all clones share state.
@@ -111,7 +114,7 @@ impl Progress {
         let mut lines = Vec::new();
         {
             let mut inner = self.lock();
-            let key = (p.task.clone(), p.group_id.clone());
+            let key = (p.task.clone(), p.execution);
             let state = inner.tasks.entry(key).or_insert_with(|| TaskState {
                 report: TaskReport {
                     task: p.task.clone(),
@@ -123,11 +126,14 @@ impl Progress {
                 last_line: None,
                 started: Instant::now(),
             });
-            if !state.report.group_ids.contains(&p.group_id) {
-                state.report.group_ids.push(p.group_id.clone());
-                lines.push(format!("task {}: group {}", p.task, p.group_id));
+            if let Some(g) = &p.group_id
+                && !state.report.group_ids.contains(g)
+            {
+                state.report.group_ids.push(g.clone());
+                lines.push(format!("task {}: group {g}", p.task));
             }
             state.report.submitted = state.report.submitted.max(p.runs_added);
+            state.report.claims = p.claims;
             if let Some(status) = &p.status {
                 state.counts = status.task_run_status_counts.clone();
                 let count = |s: RunStatus| status.count(&s);
@@ -211,8 +217,16 @@ impl Progress {
                 task: task.clone(),
                 ..TaskReport::default()
             });
-            r.group_ids.extend(state.report.group_ids.iter().cloned());
+            for g in &state.report.group_ids {
+                if !r.group_ids.contains(g) {
+                    r.group_ids.push(g.clone());
+                }
+            }
             r.submitted += state.report.submitted;
+            r.claims.submit += state.report.claims.submit;
+            r.claims.duplicate += state.report.claims.duplicate;
+            r.claims.resumed += state.report.claims.resumed;
+            r.claims.cached += state.report.claims.cached;
             r.completed += state.report.completed;
             r.failed += state.report.failed;
             r.other += state.report.other;
@@ -246,14 +260,20 @@ fn status_text(state: &TaskState) -> String {
     let done = state.report.completed + state.report.failed;
     let secs = state.started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
-    let mut text = format!(
+    let saved = state.report.claims.saved();
+    let mut text = if saved > 0 {
+        format!("saved {saved} · ")
+    } else {
+        String::new()
+    };
+    text.push_str(&format!(
         "submitted {} · queued {} · running {} · completed {} · failed {}",
         state.report.submitted,
         c("queued"),
         c("running"),
         state.report.completed,
         state.report.failed
-    );
+    ));
     text.push_str(&format!(" · {rate:.1}/s"));
     // Bars show indicatif's own ETA; lines carry one computed from the same rate.
     let left = state.report.submitted.saturating_sub(done);
@@ -271,9 +291,14 @@ mod tests {
     fn report(phase: Phase, added: u64, counts: &[(&str, u64)]) -> EnrichProgress {
         EnrichProgress {
             task: "research".into(),
-            group_id: "tgrp_1".into(),
+            execution: 1,
+            group_id: Some("tgrp_1".into()),
             phase,
             runs_added: added,
+            claims: ClaimCounts {
+                submit: added,
+                ..ClaimCounts::default()
+            },
             status: Some(TaskGroupStatus {
                 num_task_runs: added,
                 task_run_status_counts: counts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
@@ -305,6 +330,10 @@ mod tests {
                 task: "research".into(),
                 group_ids: vec!["tgrp_1".into()],
                 submitted: 20,
+                claims: ClaimCounts {
+                    submit: 20,
+                    ..ClaimCounts::default()
+                },
                 completed: 18,
                 failed: 1,
                 other: 1,

@@ -24,6 +24,7 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
 use crate::client::{API_KEY_ENV, BASE_URL_ENV, Client, ClientConfig};
+use crate::ledger::{ClaimCounts, Ledger, LedgerOptions, pause_point};
 use crate::server::{self, ServerConfig, ServerHandle};
 use crate::sql::EnrichOptions;
 
@@ -39,6 +40,9 @@ use super::validate;
 pub struct RunOptions {
     /// The state directory, when not `.groupflow/` beside the pipeline.
     pub state_dir: Option<PathBuf>,
+    /// Results of earlier runs: reused (default), or ignored with `no_cache`; failed ones
+    /// submitted again with `retry_failed`.
+    pub ledger: LedgerOptions,
 }
 
 /// Which API a run talks to.
@@ -58,24 +62,31 @@ pub struct TaskSummary {
     pub task: String,
     pub processor: String,
     pub group_ids: Vec<String>,
-    pub submitted: u64,
-    pub completed: u64,
-    /// Runs that failed, were cancelled, or did not finish.
+    /// Source rows, and what each was claimed as: a new run, a run shared with an
+    /// identical row, a run submitted before an interruption, a stored result.
+    pub claims: ClaimCounts,
+    /// Rows whose `run_status` is not `completed` (failed, cancelled, invalid output,
+    /// missing).
     pub failed: u64,
     pub max_failed_ratio: f64,
 }
 
 impl TaskSummary {
-    /// Failed runs as a fraction of submitted runs (0 with no runs).
+    /// Rows in.
+    pub fn rows(&self) -> u64 {
+        self.claims.rows()
+    }
+
+    /// Failed rows as a fraction of rows (0 with no rows).
     pub fn failed_ratio(&self) -> f64 {
-        if self.submitted == 0 {
+        if self.rows() == 0 {
             0.0
         } else {
-            self.failed as f64 / self.submitted as f64
+            self.failed as f64 / self.rows() as f64
         }
     }
 
-    /// True when more runs failed than the task tolerates.
+    /// True when more rows failed than the task tolerates.
     pub fn over_limit(&self) -> bool {
         self.failed_ratio() > self.max_failed_ratio
     }
@@ -109,13 +120,19 @@ impl fmt::Display for Summary {
             self.elapsed.as_secs_f64()
         )?;
         for t in &self.tasks {
+            let c = &t.claims;
             writeln!(
                 f,
-                "  task {} [{}]: rows in {}, completed {}, failed {} ({:.1}%, limit {:.1}%), group {}",
+                "  task {} [{}]: rows in {}, runs submitted {}, runs saved {} ({} cached, {} shared by identical rows, {} resumed), completed {}, failed {} ({:.1}%, limit {:.1}%), group {}",
                 t.task,
                 t.processor,
-                t.submitted,
-                t.completed,
+                t.rows(),
+                c.submit,
+                c.saved(),
+                c.cached,
+                c.duplicate,
+                c.resumed,
+                t.rows().saturating_sub(t.failed),
                 t.failed,
                 t.failed_ratio() * 100.0,
                 t.max_failed_ratio * 100.0,
@@ -253,6 +270,24 @@ pub async fn run(
             server: None,
         }
     };
+    let ledger = if needs_api {
+        match open_ledger(pipeline, &state, options.ledger) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                api.shutdown().await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(l) = ledger.as_ref().filter(|l| l.resumed()) {
+        eprintln!(
+            "groupflow: resuming the interrupted run of {} (ledger {}): runs it submitted are not submitted again",
+            pipeline.spec.name,
+            l.path().display()
+        );
+    }
     match &api.target {
         ApiTarget::Embedded { base_url, db } => eprintln!(
             "groupflow: PARALLEL_API_KEY and PARALLEL_BASE_URL are not set: running tasks on the embedded local server at {base_url} (sim processor; state in {})",
@@ -261,15 +296,29 @@ pub async fn run(
         ApiTarget::Remote { base_url } => progress.println(format!("groupflow: API at {base_url}")),
         ApiTarget::None => {}
     }
-    let result = run_with(pipeline, &state, &api, progress, started).await;
+    let result = run_with(pipeline, &state, &api, ledger.clone(), progress, started).await;
     api.shutdown().await;
     result
+}
+
+/// The state directory's ledger, for this pipeline's current attempt.
+fn open_ledger(
+    pipeline: &Pipeline,
+    state: &StateDir,
+    options: LedgerOptions,
+) -> Result<std::sync::Arc<Ledger>, RunError> {
+    std::fs::create_dir_all(state.root()).map_err(|e| {
+        RunError::Storage(format!("state directory {}: {e}", state.root().display()))
+    })?;
+    Ledger::open(&state.ledger_db(), &pipeline.spec.name, options)
+        .map_err(|e| RunError::Storage(e.to_string()))
 }
 
 async fn run_with(
     pipeline: &Pipeline,
     state: &StateDir,
     api: &Api,
+    ledger: Option<std::sync::Arc<Ledger>>,
     progress: &Progress,
     started: Instant,
 ) -> Result<Summary, RunError> {
@@ -280,6 +329,7 @@ async fn run_with(
     let options = EnrichOptions {
         spill_dir: Some(work.spill_dir()),
         on_progress: Some(progress.enrich_callback()),
+        ledger: ledger.clone(),
     };
     let (prepared, problems) = validate::prepare(pipeline, &ctx, api.client.clone(), options).await;
     if !problems.is_empty() {
@@ -316,6 +366,7 @@ async fn run_with(
         .await
         .map_err(|e| RunError::from_step(&step.name, e))?;
         progress.step_done(i, steps.len(), &step.name, rows, t.elapsed());
+        pause_point("step.done");
         step_rows.push((step.name.clone(), rows));
         let calls: Vec<_> = prepared
             .enrich_calls
@@ -341,6 +392,7 @@ async fn run_with(
             .map_err(|e| RunError::from_step(&out.from, e))?;
         staged.push(output::stage(&target, stream, &work.staging_dir()).await?);
     }
+    pause_point("output.staged");
     let mut written = Vec::new();
     for s in staged {
         let store = match &s.target().place {
@@ -351,7 +403,20 @@ async fn run_with(
             ),
             Location::Local(_) => None,
         };
-        written.push(s.commit(store).await?);
+        let w = s.commit(store).await?;
+        if let Some(l) = &ledger {
+            l.record_output(&w.display, w.rows)
+                .await
+                .map_err(|e| RunError::Storage(e.to_string()))?;
+        }
+        written.push(w);
+        pause_point("output.committed");
+    }
+    // Every output is in place: this attempt is done, its results the cache of the next.
+    if let Some(l) = &ledger {
+        l.finish()
+            .await
+            .map_err(|e| RunError::Storage(e.to_string()))?;
     }
     for w in &written {
         progress.println(format!("output {}: {} row(s) written", w.display, w.rows));
@@ -381,17 +446,12 @@ fn task_summaries(
         .iter()
         .map(|(name, task)| {
             let r = by_task.get(name.as_str());
-            let submitted = r.map_or(0, |r| r.submitted);
-            let completed = r.map_or(0, |r| r.completed);
             TaskSummary {
                 task: name.clone(),
                 processor: task.processor.clone(),
                 group_ids: r.map(|r| r.group_ids.clone()).unwrap_or_default(),
-                submitted,
-                completed,
-                failed: submitted
-                    .saturating_sub(completed)
-                    .max(failed_rows.get(name).copied().unwrap_or(0)),
+                claims: r.map(|r| r.claims).unwrap_or_default(),
+                failed: failed_rows.get(name).copied().unwrap_or(0),
                 max_failed_ratio: task.max_failed_ratio,
             }
         })

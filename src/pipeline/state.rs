@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! .groupflow/                  beside the pipeline file (or --state-dir / GROUPFLOW_STATE_DIR)
+//!   ledger.sqlite              claims, groups, run ids and results: resume, dedup, result cache
+//!   ledger-<pipeline>.lock     held while a run of that pipeline is going
 //!   server.sqlite              the embedded server's database (runs without an API configured)
 //!   work/<run id>/             one run's scratch space, removed when the run ends
 //!     steps/<step>.arrow       each step's result, written once and read by later steps
@@ -44,6 +46,11 @@ impl StateDir {
     /// The embedded server's SQLite database.
     pub fn server_db(&self) -> PathBuf {
         self.root.join("server.sqlite")
+    }
+
+    /// The ledger (see [`crate::ledger`]).
+    pub fn ledger_db(&self) -> PathBuf {
+        self.root.join("ledger.sqlite")
     }
 
     /// Creates the directory and a fresh work area for one run.

@@ -1,16 +1,16 @@
-//! Spilled source rows + the group's runs → result batches.
+//! Spilled source rows + the ledger's stored results → result batches.
 //!
-//! The spill file holds the source rows in submission order with their row keys; `/runs`
-//! returns runs in the order they were added, which is submission order except where POSTs
-//! in flight overtook each other. Both are read sequentially: runs that arrive ahead of
-//! their rows wait in a small map keyed by row key, so memory stays bounded by that
-//! reordering, not by the table. Every spilled row is emitted exactly once; a row whose run
-//! never shows up gets `run_status = 'missing'`.
+//! A finished group's runs are first stored in the ledger ([`store_results`]), keyed by
+//! input key; then the spill file, which holds the source rows in order with their input
+//! keys, is read back a slice at a time and each slice's results are looked up by key. Rows
+//! with the same input get the same result (dedup fans out), results of earlier runs serve
+//! as well as new ones (the cache), and memory stays bounded by one slice. Every spilled
+//! row is emitted exactly once; a row without a stored result gets
+//! `run_status = 'missing'`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use futures::stream::{BoxStream, Stream, StreamExt};
@@ -18,18 +18,22 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use super::decode::ResultDecoder;
 use crate::api::{RunStatus, TaskRunEvent};
 use crate::client::{ClientError, ROW_KEY, row_key_value};
-use crate::sink::row_key_ordinal;
+use crate::ledger::{LedgerError, StoredResult, TaskLedger};
 use crate::sink::spill::{Spill, SpillError};
 
 /// Rows joined (and run outputs held, parsed) at a time: the spill's batches are cut to
 /// this size, which bounds the working set of parsed results.
 const JOIN_ROWS: usize = 1024;
+/// Results written to the ledger per transaction.
+const STORE_ROWS: usize = 1000;
 
 /// Why reading results stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     #[error(transparent)]
     Spill(#[from] SpillError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     #[error("reading the runs of group {group_id}: {source}")]
     Client {
         group_id: String,
@@ -38,6 +42,8 @@ pub enum JoinError {
     },
     #[error("building result rows: {0}")]
     Arrow(#[from] ArrowError),
+    #[error("the stored result of input {key}: {message}")]
+    Stored { key: String, message: String },
 }
 
 impl JoinError {
@@ -56,94 +62,110 @@ pub fn run_row_key(ev: &TaskRunEvent) -> Option<String> {
         .and_then(row_key_value)
 }
 
-/// Emits one batch per spilled batch: the source columns (without the row key), then the
-/// decoder's columns, under `schema`.
+/// Reads every ended run of `group_id` (with its output) into the ledger, a slice at a
+/// time. Runs still active are left for a later read. Returns the runs stored.
+pub async fn store_results(
+    runs: BoxStream<'static, Result<TaskRunEvent, ClientError>>,
+    group_id: &str,
+    ledger: &TaskLedger,
+) -> Result<u64, JoinError> {
+    let mut runs = runs;
+    let mut slice = Vec::with_capacity(STORE_ROWS);
+    let mut stored = 0u64;
+    while let Some(ev) = runs.next().await {
+        let mut ev = ev.map_err(|source| JoinError::Client {
+            group_id: group_id.to_string(),
+            source,
+        })?;
+        if !ev.run.status.is_terminal() {
+            continue;
+        }
+        let Some(input_key) = run_row_key(&ev) else {
+            continue;
+        };
+        // The cursor and the input are not part of the result.
+        ev.event_id = None;
+        ev.input = None;
+        let json = serde_json::to_string(&ev).map_err(|e| JoinError::Stored {
+            key: input_key.clone(),
+            message: e.to_string(),
+        })?;
+        slice.push(StoredResult {
+            input_key,
+            run_id: ev.run.run_id,
+            completed: ev.run.status == RunStatus::Completed,
+            json,
+        });
+        if slice.len() == STORE_ROWS {
+            stored += slice.len() as u64;
+            ledger
+                .store_results(group_id, std::mem::take(&mut slice))
+                .await?;
+            slice.reserve(STORE_ROWS);
+        }
+    }
+    if !slice.is_empty() {
+        stored += slice.len() as u64;
+        ledger.store_results(group_id, slice).await?;
+    }
+    Ok(stored)
+}
+
+/// Emits one batch per slice of spilled rows: the source columns (without the key), then
+/// the decoder's columns, under `schema`.
 pub fn join_results(
     spill: Arc<Spill>,
-    group_id: String,
-    runs: BoxStream<'static, Result<TaskRunEvent, ClientError>>,
+    ledger: TaskLedger,
     mut decoder: ResultDecoder,
     schema: SchemaRef,
 ) -> impl Stream<Item = Result<RecordBatch, JoinError>> + Send + 'static {
     async_stream::try_stream! {
         let mut reader = spill.reader()?;
-        let mut runs = runs;
-        let mut runs_done = false;
-        // Runs read but not yet emitted, by row key.
-        let mut pending: HashMap<String, TaskRunEvent> = HashMap::new();
-        let mut emitted: u64 = 0;
         while let Some(spilled) = reader.next_batch()? {
             for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
                 let batch = spilled.slice(offset, JOIN_ROWS.min(spilled.num_rows() - offset));
                 let key_col = batch.num_columns() - 1;
-                let keys = batch.column(key_col).as_string::<i32>().clone();
-                let mut missing = (0..keys.len())
-                    .filter(|i| !pending.contains_key(keys.value(*i)))
-                    .count();
-                while missing > 0 && !runs_done {
-                    let Some(ev) = runs.next().await else {
-                        runs_done = true;
-                        break;
-                    };
-                    let ev = ev.map_err(|source| JoinError::Client { group_id: group_id.clone(), source })?;
-                    let Some(key) = run_row_key(&ev) else { continue };
-                    let ordinal = row_key_ordinal(&key);
-                    // A second run for a row already emitted (a double submission) is ignored.
-                    if ordinal.is_some_and(|o| o < emitted) {
-                        continue;
-                    }
-                    // Row keys start with their row's position, so the batch row is found directly.
-                    let in_batch = ordinal
-                        .map(|o| o - emitted)
-                        .filter(|i| *i < keys.len() as u64)
-                        .is_some_and(|i| keys.value(i as usize) == key);
-                    match pending.get(&key) {
-                        None => {
-                            if in_batch {
-                                missing -= 1;
-                            }
-                            pending.insert(key, ev);
-                        }
-                        Some(old) if better(&ev, old) => {
-                            pending.insert(key, ev);
-                        }
-                        Some(_) => {}
-                    }
+                let keys: Vec<String> = batch
+                    .column(key_col)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|k| k.unwrap_or_default().to_string())
+                    .collect();
+                let stored = ledger.results(keys.clone()).await?;
+                let mut events = Vec::with_capacity(stored.len());
+                for (key, json) in keys.iter().zip(stored) {
+                    events.push(match json {
+                        Some(j) => Some(serde_json::from_str::<TaskRunEvent>(&j).map_err(|e| {
+                            JoinError::Stored { key: key.clone(), message: e.to_string() }
+                        })?),
+                        None => None,
+                    });
                 }
-                let rows: Vec<Option<&TaskRunEvent>> =
-                    (0..keys.len()).map(|i| pending.get(keys.value(i))).collect();
+                let rows: Vec<Option<&TaskRunEvent>> = events.iter().map(Option::as_ref).collect();
                 let mut cols = batch.columns()[..key_col].to_vec();
                 cols.extend(decoder.decode(&rows)?);
-                let out = RecordBatch::try_new(schema.clone(), cols)?;
-                for i in 0..keys.len() {
-                    pending.remove(keys.value(i));
-                }
-                emitted += keys.len() as u64;
-                yield out;
+                yield RecordBatch::try_new(schema.clone(), cols)?;
             }
         }
     }
 }
 
-/// Between two runs of one row, prefer a completed one, then the first seen.
-fn better(new: &TaskRunEvent, old: &TaskRunEvent) -> bool {
-    new.run.status == RunStatus::Completed && old.run.status != RunStatus::Completed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::Ledger;
     use crate::results::OutputSchema;
-    use crate::sink::row_key;
+    use crate::sink::input_key;
     use crate::sink::spill::SpillWriter;
     use arrow::array::{ArrayRef, Int64Array};
     use arrow::datatypes::{Field, Schema};
     use serde_json::json;
 
-    fn run(ordinal: u64, status: &str, n: i64) -> TaskRunEvent {
+    fn run(key: &str, status: &str, n: i64) -> TaskRunEvent {
         serde_json::from_value(json!({
-            "run": {"run_id": format!("trun_{ordinal}_{status}"), "status": status, "is_active": false,
-                    "metadata": {ROW_KEY: row_key(ordinal, b"x")},
+            "event_id": "e1",
+            "run": {"run_id": format!("trun_{key}_{status}"), "status": status, "is_active": false,
+                    "metadata": {ROW_KEY: key},
                     "error": if status == "failed" { json!({"ref_id": "r", "message": "no luck"}) } else { json!(null) }},
             "output": if status == "completed" {
                 json!({"type": "json", "content": {"n": n}, "basis": []})
@@ -153,15 +175,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_meet_their_runs_whatever_the_run_order() {
+    async fn rows_meet_their_stored_results_and_duplicates_share_one() {
+        let ledger = Ledger::temporary().unwrap();
+        let task = ledger.task("t", "fp").await.unwrap();
         let schema = Schema::new(vec![Field::new(
             "id",
             arrow::datatypes::DataType::Int64,
             false,
         )]);
+        // Rows 0..5; rows 1 and 4 have the same input, row 3 never gets a run.
+        let key = |i: i64| input_key(format!("{}", if i == 4 { 1 } else { i }).as_bytes());
         let mut w = SpillWriter::create(None, &schema).unwrap();
-        for ids in [vec![0, 1, 2], vec![3, 4]] {
-            let keys = ids.iter().map(|i| row_key(*i as u64, b"x")).collect();
+        for ids in [vec![0i64, 1, 2], vec![3, 4]] {
+            let keys = ids.iter().map(|i| key(*i)).collect();
             let batch = RecordBatch::try_new(
                 Arc::new(schema.clone()),
                 vec![Arc::new(Int64Array::from(ids)) as ArrayRef],
@@ -170,15 +196,26 @@ mod tests {
             w.write(&batch, keys).unwrap();
         }
         let spill = Arc::new(w.finish().unwrap());
-        // Out of order, a failed-then-completed duplicate, a late duplicate, row 3 missing.
+        let claims = task.claim((0..5).map(key).collect()).await.unwrap();
+        assert_eq!(
+            claims
+                .iter()
+                .filter(|c| **c == crate::ledger::Claim::Submit)
+                .count(),
+            4
+        );
+        // Out of order, a failed-then-completed double submission, a run still running.
         let runs: Vec<Result<TaskRunEvent, ClientError>> = vec![
-            Ok(run(4, "completed", 40)),
-            Ok(run(1, "failed", 0)),
-            Ok(run(0, "completed", 0)),
-            Ok(run(1, "completed", 10)),
-            Ok(run(2, "completed", 20)),
-            Ok(run(0, "completed", 99)),
+            Ok(run(&key(2), "completed", 20)),
+            Ok(run(&key(1), "failed", 0)),
+            Ok(run(&key(0), "completed", 0)),
+            Ok(run(&key(1), "completed", 10)),
+            Ok(run(&key(3), "running", 0)),
         ];
+        let stored = store_results(futures::stream::iter(runs).boxed(), "tgrp_x", &task)
+            .await
+            .unwrap();
+        assert_eq!(stored, 4);
         let output = OutputSchema::from_task_output(
             &json!({"type": "object", "properties": {"n": {"type": "integer"}}}),
             "output",
@@ -188,16 +225,10 @@ mod tests {
         let mut fields = vec![Field::new("id", arrow::datatypes::DataType::Int64, false)];
         fields.extend(decoder.fields());
         let out_schema = Arc::new(Schema::new(fields));
-        let batches: Vec<RecordBatch> = join_results(
-            spill,
-            "tgrp_x".into(),
-            futures::stream::iter(runs).boxed(),
-            decoder,
-            out_schema,
-        )
-        .map(|b| b.unwrap())
-        .collect()
-        .await;
+        let batches: Vec<RecordBatch> = join_results(spill, task, decoder, out_schema)
+            .map(|b| b.unwrap())
+            .collect()
+            .await;
         let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
         let ids: Vec<i64> = all
             .column(0)
@@ -212,17 +243,10 @@ mod tests {
         let run_ids: Vec<Option<&str>> = all.column(2).as_string::<i32>().iter().collect();
         let status: Vec<Option<&str>> = all.column(3).as_string::<i32>().iter().collect();
         assert_eq!(ids, vec![0, 1, 2, 3, 4]);
-        assert_eq!(n, vec![Some(0), Some(10), Some(20), None, Some(40)]);
-        assert_eq!(
-            run_ids,
-            vec![
-                Some("trun_0_completed"),
-                Some("trun_1_completed"),
-                Some("trun_2_completed"),
-                None,
-                Some("trun_4_completed")
-            ]
-        );
+        assert_eq!(n, vec![Some(0), Some(10), Some(20), None, Some(10)]);
+        let k1 = format!("trun_{}_completed", key(1));
+        assert_eq!(run_ids[1], Some(k1.as_str()));
+        assert_eq!(run_ids[4], Some(k1.as_str()));
         assert_eq!(status[3], Some("missing"));
     }
 }

@@ -177,7 +177,7 @@ impl InputEncoder {
             };
             let mut run = TaskRunInput::new(input, self.processor.clone());
             let mut metadata = serde_json::Map::new();
-            metadata.insert(ROW_KEY.to_string(), Value::String(row_key(ordinal, &buf)));
+            metadata.insert(ROW_KEY.to_string(), Value::String(input_key(&buf)));
             run.metadata = Some(metadata);
             out.push(run);
         }
@@ -213,27 +213,11 @@ fn template_value(
     Ok(())
 }
 
-/// The row key of the row at `ordinal` (its position in the submitted stream) whose input
-/// encodes to `content`: `"{ordinal}:{hash}"`. The ordinal makes keys unique within a
-/// group and lets results be matched back to rows; the hash lets a later run tell whether
-/// the row at that position still has the same input.
-pub fn row_key(ordinal: u64, content: &[u8]) -> String {
-    format!("{ordinal}:{:016x}", fnv1a(content))
-}
-
-/// The ordinal a [`row_key`] starts with.
-pub fn row_key_ordinal(key: &str) -> Option<u64> {
-    key.split(':').next()?.parse().ok()
-}
-
-/// FNV-1a, 64 bit: stable across platforms and Rust versions, unlike `DefaultHasher`.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// The input key of a run whose input encodes to `content`: its 128-bit fingerprint. Rows
+/// with the same input (within one task) share a key, and so a run; the ledger keys claims
+/// and results by it.
+pub fn input_key(content: &[u8]) -> String {
+    crate::ledger::fingerprint(content)
 }
 
 #[cfg(test)]
@@ -286,10 +270,11 @@ mod tests {
         let key = inputs[1].metadata.as_ref().unwrap()[ROW_KEY]
             .as_str()
             .unwrap();
-        assert_eq!(row_key_ordinal(key), Some(11));
-        // Same content at the same position: same key.
-        let again = enc.encode(&b, 10).unwrap();
-        assert_eq!(again[1].metadata, inputs[1].metadata);
+        assert_eq!(key.len(), 32);
+        // Same content, wherever it is: same key; other content: another key.
+        let again = enc.encode(&b.slice(1, 1), 0).unwrap();
+        assert_eq!(again[0].metadata, inputs[1].metadata);
+        assert_ne!(inputs[0].metadata, inputs[1].metadata);
     }
 
     #[test]

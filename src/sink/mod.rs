@@ -5,6 +5,6 @@ pub mod spill;
 pub mod submit;
 pub mod task;
 
-pub use input::{InputEncoder, InputError, row_key, row_key_ordinal};
-pub use submit::{SubmitError, SubmitProgress, SubmitTarget, submit};
+pub use input::{InputEncoder, InputError, input_key};
+pub use submit::{Submission, SubmitError, SubmitProgress, SubmitTarget, submit};
 pub use task::{InputMapping, TaskDefinition, TemplateError, TemplatePart, parse_template};

@@ -1,11 +1,15 @@
-//! Submission: source batches → run inputs → add-runs, as the input stream arrives.
+//! Submission: source batches → run inputs → claims → add-runs, as the input stream arrives.
 //!
-//! A producer task reads the source, encodes each batch, appends it (with row keys) to the
-//! spill file and hands the inputs to the client's `add_runs_stream` through a small bounded
-//! channel. The client's bounded POSTs in flight pace the producer, so neither the table nor
-//! the inputs pile up in memory.
+//! A producer task reads the source, encodes each slice of rows, claims their input keys in
+//! the ledger (which decides per row: submit, share an earlier run, or reuse a stored
+//! result), appends the rows (with their keys) to the spill file and hands the inputs to
+//! submit to the client's `add_runs_stream` through a small bounded channel. The client's
+//! bounded POSTs in flight pace the producer, so neither the table nor the inputs pile up in
+//! memory. The group is created only when the first input needs submitting, and recorded
+//! in the ledger before any run is added to it.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
@@ -14,10 +18,11 @@ use futures::stream::{BoxStream, StreamExt};
 
 use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
-use crate::api::{TaskRunInput, TaskSpec};
-use crate::client::{Client, ClientError, row_key_of};
+use crate::api::{Metadata, TaskRunInput, TaskSpec};
+use crate::client::{Client, ClientError, RunsQuery, row_key_of};
+use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, Reconciled, TaskLedger};
 
-/// Rows encoded at a time.
+/// Rows encoded and claimed at a time.
 const SLICE_ROWS: usize = 1000;
 /// Encoded slices waiting between the producer and the client.
 const CHANNEL_SLICES: usize = 2;
@@ -31,6 +36,10 @@ pub enum SubmitError {
     Input(#[from] InputError),
     #[error(transparent)]
     Spill(#[from] SpillError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("creating the task group: {0}")]
+    CreateGroup(#[source] ClientError),
     #[error("adding runs to group {group_id}: {source}")]
     Client {
         group_id: String,
@@ -42,27 +51,39 @@ pub enum SubmitError {
 }
 
 impl SubmitError {
+    /// The API error behind this one, if any.
+    pub fn client_error(&self) -> Option<&ClientError> {
+        match self {
+            SubmitError::Client { source, .. } | SubmitError::CreateGroup(source) => Some(source),
+            _ => None,
+        }
+    }
+
     /// True when the failure was the API's or the network's and a later try may succeed.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            SubmitError::Client { source, .. } => source.is_retryable(),
-            _ => false,
-        }
+        self.client_error().is_some_and(ClientError::is_retryable)
     }
 }
 
 /// Counts reported while submitting.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SubmitProgress {
-    /// Runs the API has accepted.
+    /// The group, once there is one.
+    pub group_id: Option<String>,
+    /// Runs the API has accepted in this submission.
     pub runs_added: u64,
+    /// What the rows read so far were claimed as.
+    pub claims: ClaimCounts,
 }
 
 /// Where and how to submit.
 #[derive(Debug)]
 pub struct SubmitTarget<'a> {
     pub client: &'a Client,
-    pub group_id: &'a str,
+    /// The task's part of the ledger: claims, the group, run ids.
+    pub ledger: &'a TaskLedger,
+    /// Metadata of the group, when one is created.
+    pub group_metadata: Metadata,
     /// The group's `default_task_spec`.
     pub spec: TaskSpec,
     /// Encodes rows of `schema`.
@@ -73,74 +94,181 @@ pub struct SubmitTarget<'a> {
     pub spill_dir: Option<&'a Path>,
 }
 
-/// Submits every row of `input` as a run, spilling the rows (with row keys). Returns the
-/// spill once every run is added.
+/// What a submission left.
+#[derive(Debug)]
+pub struct Submission {
+    /// Every source row, in order, with its input key.
+    pub spill: Spill,
+    /// This attempt's group of the task, if it has one (runs added now or before an
+    /// interruption).
+    pub group_id: Option<String>,
+    pub claims: ClaimCounts,
+    /// When the attempt was resumed: what the group turned out to hold.
+    pub reconciled: Option<Reconciled>,
+    /// Runs added by this submission.
+    pub runs_added: u64,
+}
+
+/// Submits every row of `input` that needs a run, spilling every row with its input key.
+/// Returns once every run is added.
 pub async fn submit(
     target: SubmitTarget<'_>,
     input: BoxStream<'static, Result<RecordBatch, DataFusionError>>,
     mut progress: impl FnMut(SubmitProgress),
-) -> Result<Spill, SubmitError> {
+) -> Result<Submission, SubmitError> {
     let SubmitTarget {
         client,
-        group_id,
+        ledger,
+        group_metadata,
         spec,
         encoder,
         schema,
         spill_dir,
     } = target;
-    let writer = SpillWriter::create(spill_dir, schema)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<TaskRunInput>>(CHANNEL_SLICES);
-    let producer = tokio::spawn(produce(input, encoder, writer, tx));
+    let mut group_id = ledger.group().await?;
+    let mut reconciled = None;
+    if ledger.should_reconcile() {
+        let found = match &group_id {
+            Some(g) => match group_keys(client, g).await {
+                Ok(found) => found,
+                Err(e) if e.status() == Some(404) => {
+                    tracing::warn!(group = %g, "the group of an interrupted run is gone; its unfinished runs are submitted again");
+                    ledger.forget_group(g).await?;
+                    group_id = None;
+                    Vec::new()
+                }
+                Err(source) => {
+                    return Err(SubmitError::Client {
+                        group_id: g.clone(),
+                        source,
+                    });
+                }
+            },
+            None => Vec::new(),
+        };
+        reconciled = Some(ledger.reconcile(group_id.as_deref(), found).await?);
+    }
 
-    let inputs = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|batch| (batch, rx))
-    })
-    .flat_map(futures::stream::iter);
-    let mut added = client.add_runs_stream(group_id, Some(spec), inputs);
+    let writer = SpillWriter::create(spill_dir, schema)?;
+    let claims = Arc::new(Mutex::new(ClaimCounts::default()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<TaskRunInput>>(CHANNEL_SLICES);
+    let producer = tokio::spawn(produce(
+        input,
+        encoder,
+        writer,
+        ledger.clone(),
+        claims.clone(),
+        tx,
+    ));
+    let counts = || *claims.lock().unwrap_or_else(|p| p.into_inner());
+
     let mut runs_added = 0u64;
     let mut failure = None;
-    while let Some(batch) = added.next().await {
-        match batch {
-            Ok(b) => {
-                runs_added += b.run_ids.len() as u64;
-                progress(SubmitProgress { runs_added });
+    // The group is made when the first input to submit arrives; none when every row is
+    // shared or cached.
+    if let Some(first) = rx.recv().await {
+        let made = ledger
+            .group_or_create(|| async {
+                client
+                    .create_group(Some(group_metadata))
+                    .await
+                    .map(|g| g.taskgroup_id)
+            })
+            .await;
+        match made {
+            Ok(g) => {
+                group_id = Some(g);
             }
-            Err(source) => {
-                failure = Some(SubmitError::Client {
-                    group_id: group_id.to_string(),
-                    source,
+            Err(GroupError::Ledger(e)) => failure = Some(SubmitError::Ledger(e)),
+            Err(GroupError::Create(e)) => failure = Some(SubmitError::CreateGroup(e)),
+        }
+        if let (None, Some(g)) = (&failure, &group_id) {
+            let rest = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|batch| (batch, rx))
+            });
+            let inputs = futures::stream::iter([first])
+                .chain(rest)
+                .flat_map(futures::stream::iter);
+            let mut added = client.add_runs_stream(g, Some(spec), inputs);
+            while let Some(batch) = added.next().await {
+                let recorded = match batch {
+                    Ok(b) => {
+                        runs_added += b.run_ids.len() as u64;
+                        ledger
+                            .record_added(g, b.row_keys, b.run_ids)
+                            .await
+                            .map_err(SubmitError::from)
+                    }
+                    Err(source) => Err(SubmitError::Client {
+                        group_id: g.clone(),
+                        source,
+                    }),
+                };
+                if let Err(e) = recorded {
+                    failure = Some(e);
+                    break;
+                }
+                progress(SubmitProgress {
+                    group_id: Some(g.clone()),
+                    runs_added,
+                    claims: counts(),
                 });
-                break;
             }
         }
     }
-    drop(added);
     if let Some(e) = failure {
         producer.abort();
         return Err(e);
     }
     let produced = producer.await.map_err(|e| SubmitError::Inconsistent {
-        group_id: group_id.to_string(),
+        group_id: group_id.clone().unwrap_or_default(),
         message: format!("the source reader stopped: {e}"),
     })?;
     let spill = produced?.finish()?;
-    if spill.rows() != runs_added {
+    let claims = counts();
+    progress(SubmitProgress {
+        group_id: group_id.clone(),
+        runs_added,
+        claims,
+    });
+    if claims.submit != runs_added {
         return Err(SubmitError::Inconsistent {
-            group_id: group_id.to_string(),
+            group_id: group_id.unwrap_or_default(),
             message: format!(
-                "{} source rows were read but {runs_added} runs were added",
-                spill.rows()
+                "{} rows needed a run but {runs_added} runs were added",
+                claims.submit
             ),
         });
     }
-    Ok(spill)
+    Ok(Submission {
+        spill,
+        group_id,
+        claims,
+        reconciled,
+        runs_added,
+    })
 }
 
-/// Reads, encodes and spills the source; stops early when the client side hangs up.
+/// The (input key, run id) of every run in `group_id`.
+async fn group_keys(client: &Client, group_id: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut runs = client.runs_stream(group_id, RunsQuery::default());
+    let mut found = Vec::new();
+    while let Some(ev) = runs.next().await {
+        let ev = ev?;
+        if let Some(key) = crate::results::run_row_key(&ev) {
+            found.push((key, ev.run.run_id));
+        }
+    }
+    Ok(found)
+}
+
+/// Reads, encodes, claims and spills the source; stops early when the client side hangs up.
 async fn produce(
     mut input: BoxStream<'static, Result<RecordBatch, DataFusionError>>,
     encoder: InputEncoder,
     mut writer: SpillWriter,
+    ledger: TaskLedger,
+    counts: Arc<Mutex<ClaimCounts>>,
     tx: tokio::sync::mpsc::Sender<Vec<TaskRunInput>>,
 ) -> Result<SpillWriter, SubmitError> {
     while let Some(batch) = input.next().await {
@@ -148,15 +276,33 @@ async fn produce(
         if batch.num_rows() == 0 {
             continue;
         }
-        // Encoded inputs are several times larger than their rows, so they are made and
-        // handed over a slice at a time; the spill gets the whole batch once all are sent.
+        // Encoded inputs are several times larger than their rows, so they are made,
+        // claimed and handed over a slice at a time; the spill gets the whole batch once
+        // all are sent.
         let first = writer.rows();
         let mut keys = Vec::with_capacity(batch.num_rows());
         for offset in (0..batch.num_rows()).step_by(SLICE_ROWS) {
             let len = SLICE_ROWS.min(batch.num_rows() - offset);
             let inputs = encoder.encode(&batch.slice(offset, len), first + offset as u64)?;
-            keys.extend(inputs.iter().map(|i| row_key_of(i).unwrap_or_default()));
-            if tx.send(inputs).await.is_err() {
+            let slice_keys: Vec<String> = inputs
+                .iter()
+                .map(|i| row_key_of(i).unwrap_or_default())
+                .collect();
+            let claims = ledger.claim(slice_keys.clone()).await?;
+            keys.extend(slice_keys);
+            {
+                let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+                for claim in &claims {
+                    c.add(*claim);
+                }
+            }
+            let to_submit: Vec<TaskRunInput> = inputs
+                .into_iter()
+                .zip(&claims)
+                .filter(|(_, c)| **c == Claim::Submit)
+                .map(|(i, _)| i)
+                .collect();
+            if !to_submit.is_empty() && tx.send(to_submit).await.is_err() {
                 return Ok(writer);
             }
         }

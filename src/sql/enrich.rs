@@ -38,7 +38,8 @@ use super::{
 };
 use crate::api::Metadata;
 use crate::client::{Client, RunsQuery};
-use crate::results::{ResultDecoder, join_results};
+use crate::ledger::{ClaimCounts, Ledger, TaskLedger, task_fingerprint};
+use crate::results::{ResultDecoder, join_results, store_results};
 use crate::sink::spill::Spill;
 use crate::sink::{InputEncoder, SubmitTarget, submit};
 
@@ -48,6 +49,8 @@ pub struct EnrichFunction {
     tasks: HashMap<String, Arc<PreparedTask>>,
     client: Client,
     options: EnrichOptions,
+    /// The ledger used when the options name none: a temporary one, made on first use.
+    fallback: Arc<OnceCell<Arc<Ledger>>>,
 }
 
 impl EnrichFunction {
@@ -60,6 +63,7 @@ impl EnrichFunction {
             tasks,
             client,
             options,
+            fallback: Arc::default(),
         }
     }
 }
@@ -105,6 +109,7 @@ impl TableFunctionImpl for EnrichFunction {
             task,
             self.client.clone(),
             self.options.clone(),
+            self.fallback.clone(),
             source,
             source_plan,
         )
@@ -168,9 +173,12 @@ pub struct EnrichTable {
 
 /// What every execution of one `enrich(...)` call shares.
 struct Shared {
+    /// Tells this table's progress reports apart from other tables'.
+    execution: u64,
     task: Arc<PreparedTask>,
     client: Client,
     options: EnrichOptions,
+    fallback: Arc<OnceCell<Arc<Ledger>>>,
     source_sql: String,
     source_schema: SchemaRef,
     encoder: InputEncoder,
@@ -180,8 +188,10 @@ struct Shared {
 }
 
 struct Submitted {
-    group_id: String,
+    group_id: Option<String>,
     spill: Arc<Spill>,
+    ledger: TaskLedger,
+    claims: ClaimCounts,
 }
 
 impl fmt::Debug for EnrichTable {
@@ -198,6 +208,7 @@ impl EnrichTable {
         task: Arc<PreparedTask>,
         client: Client,
         options: EnrichOptions,
+        fallback: Arc<OnceCell<Arc<Ledger>>>,
         source_sql: String,
         source_plan: LogicalPlan,
     ) -> Result<Self> {
@@ -233,9 +244,15 @@ impl EnrichTable {
         let schema = Arc::new(Schema::new(fields));
         Ok(EnrichTable {
             shared: Arc::new(Shared {
+                execution: {
+                    static NEXT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(1);
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                },
                 task,
                 client,
                 options,
+                fallback,
                 source_sql,
                 source_schema,
                 encoder,
@@ -393,17 +410,20 @@ fn external(e: Arc<EnrichError>) -> DataFusionError {
 impl Shared {
     fn report(
         &self,
-        group_id: &str,
+        group_id: Option<&str>,
         phase: Phase,
         runs_added: u64,
+        claims: ClaimCounts,
         status: Option<&crate::api::TaskGroupStatus>,
     ) {
         if let Some(cb) = &self.options.on_progress {
             cb(&EnrichProgress {
                 task: self.task.name.clone(),
-                group_id: group_id.to_string(),
+                execution: self.execution,
+                group_id: group_id.map(str::to_string),
                 phase,
                 runs_added,
+                claims,
                 status: status.cloned(),
             });
         }
@@ -427,73 +447,117 @@ impl Shared {
             .map_err(external)
     }
 
+    /// This task's part of the ledger named by the options, or of a temporary one.
+    async fn task_ledger(&self) -> std::result::Result<TaskLedger, EnrichError> {
+        let task = &self.task.name;
+        let ledger_err = |source| EnrichError::Ledger {
+            task: task.clone(),
+            source,
+        };
+        let ledger = match &self.options.ledger {
+            Some(l) => l.clone(),
+            None => self
+                .fallback
+                .get_or_try_init(|| async { Ledger::temporary() })
+                .await
+                .map_err(ledger_err)?
+                .clone(),
+        };
+        let fp = task_fingerprint(&self.task.def.processor, &self.task.def.task_spec());
+        ledger.task(task, &fp).await.map_err(ledger_err)
+    }
+
     async fn submit_and_wait(
         &self,
         source: Arc<dyn ExecutionPlan>,
         context: Arc<TaskContext>,
     ) -> std::result::Result<Submitted, EnrichError> {
         let task = &self.task.name;
+        let ledger = self.task_ledger().await?;
         let mut metadata = Metadata::new();
         metadata.insert(GROUP_TASK_KEY.into(), task.clone().into());
-        let group = self
-            .client
-            .create_group(Some(metadata))
-            .await
-            .map_err(|source| EnrichError::CreateGroup {
-                task: task.clone(),
-                source,
-            })?;
-        let group_id = group.taskgroup_id;
-        self.report(&group_id, Phase::Submitting, 0, None);
         let target = SubmitTarget {
             client: &self.client,
-            group_id: &group_id,
+            ledger: &ledger,
+            group_metadata: metadata,
             spec: self.task.def.task_spec(),
             encoder: self.encoder.clone(),
             schema: &self.source_schema,
             spill_dir: self.options.spill_dir.as_deref(),
         };
-        let spill = submit(target, sequential(source, context), |p| {
-            self.report(&group_id, Phase::Submitting, p.runs_added, None)
+        let submission = submit(target, sequential(source, context), |p| {
+            self.report(
+                p.group_id.as_deref(),
+                Phase::Submitting,
+                p.runs_added,
+                p.claims,
+                None,
+            )
         })
         .await
         .map_err(|source| EnrichError::Submit {
             task: task.clone(),
             source,
         })?;
-        let added = spill.rows();
-        self.client
-            .wait(&group_id, |s| {
-                self.report(&group_id, Phase::Running, added, Some(s))
-            })
-            .await
-            .map_err(|source| EnrichError::Wait {
+        let (added, claims) = (submission.runs_added, submission.claims);
+        if let Some(g) = &submission.group_id {
+            let ledger_err = |source| EnrichError::Ledger {
                 task: task.clone(),
-                group_id: group_id.clone(),
                 source,
-            })?;
+            };
+            let (runs, unfinished) = ledger.counts().await.map_err(ledger_err)?;
+            // Nothing to wait for when every run of this attempt already has its result
+            // (a second execution, or a run resumed after its results were stored).
+            if unfinished > 0 {
+                self.report(Some(g), Phase::Running, added, claims, None);
+                self.client
+                    .wait(g, |s| {
+                        self.report(Some(g), Phase::Running, added, claims, Some(s))
+                    })
+                    .await
+                    .map_err(|source| EnrichError::Wait {
+                        task: task.clone(),
+                        group_id: g.clone(),
+                        source,
+                    })?;
+                self.report(Some(g), Phase::Reading, added, claims, None);
+                let runs = self.client.runs_stream(
+                    g,
+                    RunsQuery {
+                        include_output: true,
+                        expected: Some(runs),
+                        ..RunsQuery::default()
+                    },
+                );
+                store_results(runs, g, &ledger)
+                    .await
+                    .map_err(|source| EnrichError::Results {
+                        task: task.clone(),
+                        source,
+                    })?;
+            }
+        }
         Ok(Submitted {
-            group_id,
-            spill: Arc::new(spill),
+            group_id: submission.group_id,
+            spill: Arc::new(submission.spill),
+            ledger,
+            claims,
         })
     }
 
-    /// The joined result batches of a finished group.
+    /// The joined result batches of a finished submission.
     fn results(&self, s: &Submitted) -> BoxStream<'static, Result<RecordBatch>> {
-        self.report(&s.group_id, Phase::Reading, s.spill.rows(), None);
-        let runs = self.client.runs_stream(
-            &s.group_id,
-            RunsQuery {
-                include_output: true,
-                expected: Some(s.spill.rows()),
-                ..RunsQuery::default()
-            },
+        self.report(
+            s.group_id.as_deref(),
+            Phase::Reading,
+            s.claims.submit,
+            s.claims,
+            None,
         );
         let task = self.task.name.clone();
         join_results(
             s.spill.clone(),
-            s.group_id.clone(),
-            runs,
+            s.ledger.clone(),
             ResultDecoder::new(self.task.output.clone()),
             self.schema.clone(),
         )

@@ -36,6 +36,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::api::TaskGroupStatus;
 use crate::client::{Client, ClientError};
+use crate::ledger::{ClaimCounts, Ledger, LedgerError};
 use crate::results::{JoinError, OutputSchema, SchemaError};
 use crate::sink::{SubmitError, TaskDefinition};
 
@@ -64,10 +65,15 @@ pub enum Phase {
 #[derive(Clone, Debug)]
 pub struct EnrichProgress {
     pub task: String,
-    pub group_id: String,
+    /// Tells executions apart (unique in the process).
+    pub execution: u64,
+    /// The attempt's group of the task, once it has one (none when no row needs a run).
+    pub group_id: Option<String>,
     pub phase: Phase,
-    /// Runs added to the group so far.
+    /// Runs added to the group so far by this execution.
     pub runs_added: u64,
+    /// What the rows read so far were claimed as: new runs, shared, resumed, cached.
+    pub claims: ClaimCounts,
     /// The group's latest status (while running).
     pub status: Option<TaskGroupStatus>,
 }
@@ -82,6 +88,9 @@ pub struct EnrichOptions {
     pub spill_dir: Option<PathBuf>,
     /// Called as an execution progresses.
     pub on_progress: Option<ProgressFn>,
+    /// The ledger of claims and results: dedup, resume, the result cache. `None`: a
+    /// temporary ledger per registration (dedup within the session only).
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 impl fmt::Debug for EnrichOptions {
@@ -89,6 +98,7 @@ impl fmt::Debug for EnrichOptions {
         f.debug_struct("EnrichOptions")
             .field("spill_dir", &self.spill_dir)
             .field("on_progress", &self.on_progress.is_some())
+            .field("ledger", &self.ledger)
             .finish()
     }
 }
@@ -111,11 +121,11 @@ pub enum RegisterError {
 /// `DataFusionError::External`; [`EnrichError::find`] digs it out.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrichError {
-    #[error("enrich('{task}'): creating the task group: {source}")]
-    CreateGroup {
+    #[error("enrich('{task}'): {source}")]
+    Ledger {
         task: String,
         #[source]
-        source: ClientError,
+        source: LedgerError,
     },
     #[error("enrich('{task}'): {source}")]
     Submit {
@@ -148,13 +158,8 @@ impl EnrichError {
     /// The API error behind this one, if any (for exit codes: auth vs. API failures).
     pub fn client_error(&self) -> Option<&ClientError> {
         match self {
-            EnrichError::CreateGroup { source, .. } | EnrichError::Wait { source, .. } => {
-                Some(source)
-            }
-            EnrichError::Submit {
-                source: SubmitError::Client { source, .. },
-                ..
-            } => Some(source),
+            EnrichError::Wait { source, .. } => Some(source),
+            EnrichError::Submit { source, .. } => source.client_error(),
             EnrichError::Results {
                 source: JoinError::Client { source, .. },
                 ..

@@ -1,0 +1,892 @@
+//! The ledger: what was submitted, under which group, and what came back — kept in SQLite so
+//! that no input is ever paid for twice.
+//!
+//! ```text
+//!  attempts   one per pipeline run; a run that did not finish is resumed by the next one
+//!  tasks      task fingerprint (processor + task spec) → id
+//!  groups     (attempt, task) → the task group holding that attempt's runs of the task
+//!  runs       (task, input key) → attempt, group, run id, status, result   ← dedup + cache
+//!  outputs    (attempt, output) → rows, when committed
+//! ```
+//!
+//! Every row of a source is *claimed* before its run is sent: the first claim of an input
+//! key in an attempt submits it; later claims share its run (dedup, and resume after a
+//! crash); a finished result from an earlier attempt is reused (the result cache). A claim
+//! is written before its POST, so after a crash the attempt's group is read back and
+//! [`TaskLedger::reconcile`] keeps exactly the claims the server has.
+
+mod pause;
+
+pub use pause::{PAUSE_ENV, pause_point};
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// A ledger that cannot be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("ledger {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error(
+        "ledger {path}: another `groupflow run` of pipeline {pipeline} is using this state directory (lock {lock}); wait for it to end, or give this run its own --state-dir"
+    )]
+    Busy {
+        path: PathBuf,
+        pipeline: String,
+        lock: PathBuf,
+    },
+}
+
+/// How earlier results are used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LedgerOptions {
+    /// Ignore results of earlier (finished) runs: every input is submitted again.
+    pub no_cache: bool,
+    /// Submit again the inputs whose earlier runs failed.
+    pub retry_failed: bool,
+}
+
+/// What a claim decided for one row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// New: submit it.
+    Submit,
+    /// Its input was claimed earlier in this run: the row shares that run.
+    Duplicate,
+    /// Its input was submitted before this run was interrupted: not sent again.
+    Resumed,
+    /// A finished result of an earlier run is reused.
+    Cached,
+}
+
+/// Counts of claims, by decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClaimCounts {
+    pub submit: u64,
+    pub duplicate: u64,
+    pub resumed: u64,
+    pub cached: u64,
+}
+
+impl ClaimCounts {
+    pub fn add(&mut self, c: Claim) {
+        match c {
+            Claim::Submit => self.submit += 1,
+            Claim::Duplicate => self.duplicate += 1,
+            Claim::Resumed => self.resumed += 1,
+            Claim::Cached => self.cached += 1,
+        }
+    }
+
+    /// Rows claimed.
+    pub fn rows(&self) -> u64 {
+        self.submit + self.duplicate + self.resumed + self.cached
+    }
+
+    /// Runs not paid for: rows that did not need a new run.
+    pub fn saved(&self) -> u64 {
+        self.duplicate + self.resumed + self.cached
+    }
+}
+
+/// A run's end, as stored.
+#[derive(Clone, Debug)]
+pub struct StoredResult {
+    pub input_key: String,
+    pub run_id: String,
+    /// True for `completed`.
+    pub completed: bool,
+    /// The run's event (`run`, `output`) as JSON.
+    pub json: String,
+}
+
+/// What reconciling a group found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Claims the group has a run for.
+    pub found: u64,
+    /// Claims whose POST never reached the group: dropped, to be submitted again.
+    pub dropped: u64,
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS attempts (
+  attempt INTEGER PRIMARY KEY,
+  pipeline TEXT NOT NULL,
+  session TEXT NOT NULL,
+  started_at TEXT NOT NULL,
+  finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS tasks (
+  task_id INTEGER PRIMARY KEY,
+  fingerprint TEXT NOT NULL UNIQUE,
+  name TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS groups (
+  attempt INTEGER NOT NULL,
+  task_id INTEGER NOT NULL,
+  group_id TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  PRIMARY KEY (attempt, task_id)
+);
+CREATE TABLE IF NOT EXISTS runs (
+  task_id INTEGER NOT NULL,
+  input_key TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  session TEXT NOT NULL,
+  group_id TEXT,
+  run_id TEXT,
+  status TEXT NOT NULL,
+  result TEXT,
+  PRIMARY KEY (task_id, input_key)
+);
+CREATE INDEX IF NOT EXISTS runs_by_group ON runs(group_id);
+CREATE TABLE IF NOT EXISTS outputs (
+  attempt INTEGER NOT NULL,
+  output TEXT NOT NULL,
+  rows INTEGER NOT NULL,
+  committed_at TEXT NOT NULL,
+  PRIMARY KEY (attempt, output)
+);
+";
+
+/// Run statuses as the ledger stores them.
+mod status {
+    /// Claimed; its POST may or may not have reached the server.
+    pub const QUEUED: &str = "queued";
+    /// The server accepted it.
+    pub const SUBMITTED: &str = "submitted";
+    pub const COMPLETED: &str = "completed";
+    /// Failed, cancelled, or ended in any other way than completed.
+    pub const FAILED: &str = "failed";
+}
+
+/// The ledger of one state directory, opened for one attempt of one pipeline.
+pub struct Ledger {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    attempt: i64,
+    session: String,
+    resumed: bool,
+    options: LedgerOptions,
+    /// Serializes creating a task's group, so one attempt has one group per task.
+    group_creation: tokio::sync::Mutex<()>,
+    /// Tasks reconciled since this resumed attempt was opened.
+    reconciled: Mutex<std::collections::HashSet<i64>>,
+    _lock: Option<File>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .field("attempt", &self.attempt)
+            .field("resumed", &self.resumed)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger at `path` for `pipeline`: resumes the pipeline's
+    /// unfinished attempt if there is one, else starts a new attempt. Holds a lock beside
+    /// the file until dropped, so two runs of one pipeline cannot share an attempt.
+    pub fn open(
+        path: &Path,
+        pipeline: &str,
+        options: LedgerOptions,
+    ) -> Result<Arc<Ledger>, LedgerError> {
+        let lock_path = path.with_file_name(format!(
+            "ledger-{}.lock",
+            &fingerprint(pipeline.as_bytes())[..16]
+        ));
+        let lock = File::create(&lock_path).map_err(|e| LedgerError::Io {
+            path: path.to_path_buf(),
+            message: format!("lock {}: {e}", lock_path.display()),
+        })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::Busy {
+                    path: path.to_path_buf(),
+                    pipeline: pipeline.to_string(),
+                    lock: lock_path,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LedgerError::Io {
+                    path: path.to_path_buf(),
+                    message: format!("lock {}: {e}", lock_path.display()),
+                });
+            }
+        }
+        Self::open_unlocked(path, pipeline, options, Some(lock), None)
+    }
+
+    /// A ledger in a temporary file, deleted when dropped: dedup within one session, no
+    /// memory across processes.
+    pub fn temporary() -> Result<Arc<Ledger>, LedgerError> {
+        let dir = tempfile::Builder::new()
+            .prefix("groupflow-ledger-")
+            .tempdir()
+            .map_err(|e| LedgerError::Io {
+                path: std::env::temp_dir(),
+                message: e.to_string(),
+            })?;
+        let path = dir.path().join("ledger.sqlite");
+        Self::open_unlocked(&path, "session", LedgerOptions::default(), None, Some(dir))
+    }
+
+    fn open_unlocked(
+        path: &Path,
+        pipeline: &str,
+        options: LedgerOptions,
+        lock: Option<File>,
+        temp: Option<tempfile::TempDir>,
+    ) -> Result<Arc<Ledger>, LedgerError> {
+        let err = |source| LedgerError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        let session = uuid::Uuid::new_v4().simple().to_string();
+        let tx = conn.transaction().map_err(err)?;
+        let open: Option<i64> = tx
+            .query_row(
+                "SELECT attempt FROM attempts WHERE pipeline = ?1 AND finished_at IS NULL
+                 ORDER BY attempt DESC LIMIT 1",
+                params![pipeline],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let (attempt, resumed) = match open {
+            Some(a) => {
+                tx.execute(
+                    "UPDATE attempts SET session = ?1 WHERE attempt = ?2",
+                    params![session, a],
+                )
+                .map_err(err)?;
+                (a, true)
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO attempts (pipeline, session, started_at) VALUES (?1, ?2, ?3)",
+                    params![pipeline, session, crate::api::now_rfc3339()],
+                )
+                .map_err(err)?;
+                (tx.last_insert_rowid(), false)
+            }
+        };
+        tx.commit().map_err(err)?;
+        Ok(Arc::new(Ledger {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            attempt,
+            session,
+            resumed,
+            options,
+            group_creation: tokio::sync::Mutex::new(()),
+            reconciled: Mutex::default(),
+            _lock: lock,
+            _temp: temp,
+        }))
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when this attempt continues one that was interrupted.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The attempt's number (1, 2, … per ledger).
+    pub fn attempt(&self) -> i64 {
+        self.attempt
+    }
+
+    /// How earlier results are used.
+    pub fn options(&self) -> LedgerOptions {
+        self.options
+    }
+
+    /// The ledger's view of task `name` with `fingerprint` (see [`task_fingerprint`]).
+    pub async fn task(
+        self: &Arc<Self>,
+        name: &str,
+        fingerprint: &str,
+    ) -> Result<TaskLedger, LedgerError> {
+        let (name, fp) = (name.to_string(), fingerprint.to_string());
+        let n = name.clone();
+        let task_id = self
+            .blocking(move |c| {
+                c.execute(
+                    "INSERT INTO tasks (fingerprint, name) VALUES (?1, ?2)
+                     ON CONFLICT (fingerprint) DO NOTHING",
+                    params![fp, n],
+                )?;
+                c.query_row(
+                    "SELECT task_id FROM tasks WHERE fingerprint = ?1",
+                    params![fp],
+                    |r| r.get(0),
+                )
+            })
+            .await?;
+        Ok(TaskLedger {
+            ledger: self.clone(),
+            task_id,
+            name,
+        })
+    }
+
+    /// Records that `output` was committed with `rows` rows in this attempt.
+    pub async fn record_output(
+        self: &Arc<Self>,
+        output: &str,
+        rows: u64,
+    ) -> Result<(), LedgerError> {
+        let (output, attempt) = (output.to_string(), self.attempt);
+        self.blocking(move |c| {
+            c.execute(
+                "INSERT INTO outputs (attempt, output, rows, committed_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (attempt, output) DO UPDATE SET rows = ?3, committed_at = ?4",
+                params![attempt, output, rows as i64, crate::api::now_rfc3339()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Outputs committed in this attempt (before an interruption, when resumed).
+    pub async fn committed_outputs(self: &Arc<Self>) -> Result<Vec<String>, LedgerError> {
+        let attempt = self.attempt;
+        self.blocking(move |c| {
+            let mut s =
+                c.prepare("SELECT output FROM outputs WHERE attempt = ?1 ORDER BY output")?;
+            s.query_map(params![attempt], |r| r.get(0))?.collect()
+        })
+        .await
+    }
+
+    /// Ends the attempt: its results become the cache of later runs, which start anew.
+    pub async fn finish(self: &Arc<Self>) -> Result<(), LedgerError> {
+        let attempt = self.attempt;
+        self.blocking(move |c| {
+            c.execute(
+                "UPDATE attempts SET finished_at = ?1 WHERE attempt = ?2",
+                params![crate::api::now_rfc3339(), attempt],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Runs `f` on the connection on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = me.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn).map_err(|source| LedgerError::Sqlite {
+                path: me.path.clone(),
+                source,
+            })
+        })
+        .await
+        .map_err(|e| LedgerError::Io {
+            path: self.path.clone(),
+            message: format!("ledger thread: {e}"),
+        })?
+    }
+}
+
+/// One task's part of the ledger.
+#[derive(Clone, Debug)]
+pub struct TaskLedger {
+    ledger: Arc<Ledger>,
+    task_id: i64,
+    name: String,
+}
+
+impl TaskLedger {
+    /// The task's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The ledger this belongs to.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// The group of this attempt's runs of the task, if one was created.
+    pub async fn group(&self) -> Result<Option<String>, LedgerError> {
+        let (attempt, task) = (self.ledger.attempt, self.task_id);
+        self.ledger
+            .blocking(move |c| {
+                c.query_row(
+                    "SELECT group_id FROM groups WHERE attempt = ?1 AND task_id = ?2",
+                    params![attempt, task],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .await
+    }
+
+    /// This attempt's group of the task, created by `create` when there is none yet. The
+    /// group is recorded before any run is added to it.
+    pub async fn group_or_create<F, Fut, E>(&self, create: F) -> Result<String, GroupError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<String, E>>,
+    {
+        let _one = self.ledger.group_creation.lock().await;
+        if let Some(g) = self.group().await? {
+            return Ok(g);
+        }
+        let group_id = create().await.map_err(GroupError::Create)?;
+        let (attempt, task, g) = (self.ledger.attempt, self.task_id, group_id.clone());
+        self.ledger
+            .blocking(move |c| {
+                c.execute(
+                    "INSERT INTO groups (attempt, task_id, group_id, created_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![attempt, task, g, crate::api::now_rfc3339()],
+                )
+                .map(|_| ())
+            })
+            .await?;
+        pause_point("group.recorded");
+        Ok(group_id)
+    }
+
+    /// True the first time it is asked for a task in a resumed attempt: the claims made
+    /// before the interruption must then be [reconciled](Self::reconcile) with the group.
+    pub fn should_reconcile(&self) -> bool {
+        self.ledger.resumed
+            && self
+                .ledger
+                .reconciled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.task_id)
+    }
+
+    /// After an interruption: `found` are the (input key, run id) pairs the group holds.
+    /// Claims of this attempt the group has are marked submitted; claims it lacks (their
+    /// POST never arrived) are dropped so they are claimed and sent again.
+    pub async fn reconcile(
+        &self,
+        group_id: Option<&str>,
+        found: Vec<(String, String)>,
+    ) -> Result<Reconciled, LedgerError> {
+        let (attempt, task) = (self.ledger.attempt, self.task_id);
+        let group = group_id.map(str::to_string);
+        self.ledger
+            .blocking(move |c| {
+                let tx = c.transaction()?;
+                let mut out = Reconciled::default();
+                {
+                    let mut mark = tx.prepare(
+                        "UPDATE runs SET status = ?4, group_id = ?5, run_id = ?6
+                         WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3
+                           AND status = 'queued'",
+                    )?;
+                    for (key, run_id) in &found {
+                        mark.execute(params![
+                            task,
+                            key,
+                            attempt,
+                            status::SUBMITTED,
+                            group,
+                            run_id
+                        ])?;
+                    }
+                }
+                out.dropped = tx.execute(
+                    "DELETE FROM runs WHERE task_id = ?1 AND attempt = ?2 AND status = 'queued'",
+                    params![task, attempt],
+                )? as u64;
+                out.found = tx.query_row(
+                    "SELECT count(*) FROM runs WHERE task_id = ?1 AND attempt = ?2",
+                    params![task, attempt],
+                    |r| r.get::<_, i64>(0),
+                )? as u64;
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+    }
+
+    /// The group vanished from the server (its database was reset): forget it and every
+    /// claim of this attempt without a result, so they are submitted again.
+    pub async fn forget_group(&self, group_id: &str) -> Result<(), LedgerError> {
+        let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
+        self.ledger
+            .blocking(move |c| {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "DELETE FROM runs WHERE task_id = ?1 AND attempt = ?2 AND result IS NULL",
+                    params![task, attempt],
+                )?;
+                tx.execute(
+                    "DELETE FROM groups WHERE attempt = ?1 AND task_id = ?2 AND group_id = ?3",
+                    params![attempt, task, group],
+                )?;
+                tx.commit()
+            })
+            .await
+    }
+
+    /// Claims one row per key, in order (see [`Claim`]). New claims are written before
+    /// this returns, so they survive a crash that follows.
+    pub async fn claim(&self, keys: Vec<String>) -> Result<Vec<Claim>, LedgerError> {
+        let l = &self.ledger;
+        let (attempt, task, session, options) =
+            (l.attempt, self.task_id, l.session.clone(), l.options);
+        let claims = self
+            .ledger
+            .blocking(move |c| {
+                let tx = c.transaction()?;
+                let mut claims = Vec::with_capacity(keys.len());
+                {
+                    let mut find = tx.prepare_cached(
+                        "SELECT attempt, session, status FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                    )?;
+                    let mut put = tx.prepare_cached(
+                        "INSERT INTO runs (task_id, input_key, attempt, session, status)
+                         VALUES (?1, ?2, ?3, ?4, 'queued')
+                         ON CONFLICT (task_id, input_key) DO UPDATE SET
+                           attempt = ?3, session = ?4, status = 'queued',
+                           group_id = NULL, run_id = NULL, result = NULL",
+                    )?;
+                    for key in &keys {
+                        let known: Option<(i64, String, String)> = find
+                            .query_row(params![task, key], |r| {
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                            })
+                            .optional()?;
+                        let claim = match known {
+                            Some((a, s, _)) if a == attempt && s == session => Claim::Duplicate,
+                            // Claimed before an interruption: shared if the server has its
+                            // run (see `reconcile`), sent again if its POST never arrived.
+                            Some((a, _, st)) if a == attempt && st != status::QUEUED => {
+                                Claim::Resumed
+                            }
+                            Some((_, _, st)) if !options.no_cache && st == status::COMPLETED => {
+                                Claim::Cached
+                            }
+                            Some((_, _, st))
+                                if !options.no_cache
+                                    && !options.retry_failed
+                                    && st == status::FAILED =>
+                            {
+                                Claim::Cached
+                            }
+                            _ => Claim::Submit,
+                        };
+                        if claim == Claim::Submit {
+                            put.execute(params![task, key, attempt, session])?;
+                        }
+                        claims.push(claim);
+                    }
+                }
+                tx.commit()?;
+                Ok(claims)
+            })
+            .await?;
+        pause_point("runs.claimed");
+        Ok(claims)
+    }
+
+    /// Records the runs the server created for `keys` in `group_id`.
+    pub async fn record_added(
+        &self,
+        group_id: &str,
+        keys: Vec<String>,
+        run_ids: Vec<String>,
+    ) -> Result<(), LedgerError> {
+        let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
+        self.ledger
+            .blocking(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut s = tx.prepare_cached(
+                        "UPDATE runs SET status = 'submitted', group_id = ?4, run_id = ?5
+                         WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3 AND status = 'queued'",
+                    )?;
+                    for (key, run_id) in keys.iter().zip(&run_ids) {
+                        s.execute(params![task, key, attempt, group, run_id])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await?;
+        pause_point("runs.added");
+        Ok(())
+    }
+
+    /// This attempt's runs of the task: how many, and how many still without a result.
+    pub async fn counts(&self) -> Result<(u64, u64), LedgerError> {
+        let (attempt, task) = (self.ledger.attempt, self.task_id);
+        self.ledger
+            .blocking(move |c| {
+                c.query_row(
+                    "SELECT count(*), count(*) - count(result) FROM runs
+                     WHERE task_id = ?1 AND attempt = ?2",
+                    params![task, attempt],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                )
+            })
+            .await
+    }
+
+    /// Stores ended runs of this attempt's group. A completed result is never replaced by
+    /// a failed one (when an input has two runs, the completed one wins).
+    pub async fn store_results(
+        &self,
+        group_id: &str,
+        results: Vec<StoredResult>,
+    ) -> Result<(), LedgerError> {
+        let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
+        self.ledger
+            .blocking(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut s = tx.prepare_cached(
+                        "UPDATE runs SET status = ?5, run_id = ?6, result = ?7, group_id = ?4
+                         WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3
+                           AND (result IS NULL OR status != 'completed')",
+                    )?;
+                    for r in &results {
+                        let st = if r.completed {
+                            status::COMPLETED
+                        } else {
+                            status::FAILED
+                        };
+                        s.execute(params![
+                            task,
+                            r.input_key,
+                            attempt,
+                            group,
+                            st,
+                            r.run_id,
+                            r.json
+                        ])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await?;
+        pause_point("results.stored");
+        Ok(())
+    }
+
+    /// The stored result of each key (`None` where there is none).
+    pub async fn results(&self, keys: Vec<String>) -> Result<Vec<Option<String>>, LedgerError> {
+        let task = self.task_id;
+        self.ledger
+            .blocking(move |c| {
+                let mut s = c.prepare_cached(
+                    "SELECT result FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                )?;
+                keys.iter()
+                    .map(|k| {
+                        s.query_row(params![task, k], |r| r.get::<_, Option<String>>(0))
+                            .optional()
+                            .map(Option::flatten)
+                    })
+                    .collect()
+            })
+            .await
+    }
+}
+
+/// Why a task's group could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError<E> {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Create(E),
+}
+
+/// A 128-bit BLAKE3 fingerprint, as 32 hex digits.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let hash = blake3::hash(bytes);
+    let mut out = String::with_capacity(32);
+    for b in &hash.as_bytes()[..16] {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The fingerprint of a task: its processor and task spec (input and output schemas).
+/// Results are reused only between tasks with the same fingerprint.
+pub fn task_fingerprint(processor: &str, spec: &crate::api::TaskSpec) -> String {
+    let canonical = serde_json::json!({ "processor": processor, "task_spec": spec });
+    fingerprint(canonical.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(ks: &[&str]) -> Vec<String> {
+        ks.iter().map(|k| k.to_string()).collect()
+    }
+
+    fn done(key: &str, completed: bool) -> StoredResult {
+        StoredResult {
+            input_key: key.into(),
+            run_id: format!("trun_{key}"),
+            completed,
+            json: format!("{{\"k\":\"{key}\"}}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_dedup_resume_and_reuse_across_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let opts = LedgerOptions::default();
+        {
+            let l = Ledger::open(&path, "p", opts).unwrap();
+            assert!(!l.resumed());
+            let t = l.task("t", "fp").await.unwrap();
+            let c = t.claim(keys(&["a", "b", "a"])).await.unwrap();
+            assert_eq!(c, vec![Claim::Submit, Claim::Submit, Claim::Duplicate]);
+            // A second open of the same pipeline while this one runs is refused.
+            assert!(matches!(
+                Ledger::open(&path, "p", opts),
+                Err(LedgerError::Busy { .. })
+            ));
+            let g = t
+                .group_or_create(|| async { Ok::<_, String>("tgrp_1".to_string()) })
+                .await
+                .unwrap();
+            t.record_added(&g, keys(&["a"]), keys(&["trun_a"]))
+                .await
+                .unwrap();
+            // Interrupted here: "b" was claimed but never reached the group.
+        }
+        {
+            let l = Ledger::open(&path, "p", opts).unwrap();
+            assert!(l.resumed());
+            let t = l.task("t", "fp").await.unwrap();
+            assert!(t.should_reconcile());
+            assert!(!t.should_reconcile());
+            assert_eq!(t.group().await.unwrap().as_deref(), Some("tgrp_1"));
+            let r = t
+                .reconcile(Some("tgrp_1"), vec![("a".into(), "trun_a".into())])
+                .await
+                .unwrap();
+            assert_eq!(
+                r,
+                Reconciled {
+                    found: 1,
+                    dropped: 1
+                }
+            );
+            let c = t.claim(keys(&["a", "b"])).await.unwrap();
+            assert_eq!(c, vec![Claim::Resumed, Claim::Submit]);
+            t.record_added("tgrp_1", keys(&["b"]), keys(&["trun_b"]))
+                .await
+                .unwrap();
+            assert_eq!(t.counts().await.unwrap(), (2, 2));
+            t.store_results("tgrp_1", vec![done("a", true), done("b", false)])
+                .await
+                .unwrap();
+            // A failed result never replaces a completed one.
+            t.store_results("tgrp_1", vec![done("a", false)])
+                .await
+                .unwrap();
+            assert_eq!(t.counts().await.unwrap(), (2, 0));
+            l.finish().await.unwrap();
+        }
+        {
+            let l = Ledger::open(&path, "p", opts).unwrap();
+            assert!(!l.resumed());
+            let t = l.task("t", "fp").await.unwrap();
+            assert_eq!(t.group().await.unwrap(), None);
+            let c = t.claim(keys(&["a", "b", "c"])).await.unwrap();
+            assert_eq!(c, vec![Claim::Cached, Claim::Cached, Claim::Submit]);
+            let r = t.results(keys(&["a", "c", "zz"])).await.unwrap();
+            assert_eq!(r[0].as_deref(), Some("{\"k\":\"a\"}"));
+            assert_eq!(r[1], None);
+            assert_eq!(r[2], None);
+            // Another task fingerprint shares nothing.
+            let other = l.task("t", "fp2").await.unwrap();
+            assert_eq!(
+                other.claim(keys(&["a"])).await.unwrap(),
+                vec![Claim::Submit]
+            );
+            l.finish().await.unwrap();
+        }
+        let retry = LedgerOptions {
+            retry_failed: true,
+            ..opts
+        };
+        let l = Ledger::open(&path, "p", retry).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        assert_eq!(
+            t.claim(keys(&["a", "b"])).await.unwrap(),
+            vec![Claim::Cached, Claim::Submit]
+        );
+        drop(l);
+        let no_cache = LedgerOptions {
+            no_cache: true,
+            ..opts
+        };
+        let l = Ledger::open(&path, "other pipeline", no_cache).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        assert_eq!(t.claim(keys(&["a"])).await.unwrap(), vec![Claim::Submit]);
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_follow_the_spec() {
+        assert_eq!(fingerprint(b"abc"), fingerprint(b"abc"));
+        assert_eq!(fingerprint(b"abc").len(), 32);
+        assert_ne!(fingerprint(b"abc"), fingerprint(b"abd"));
+        let spec = |t: &str| crate::api::TaskSpec {
+            output_schema: crate::api::Schema::Text {
+                description: Some(t.into()),
+            },
+            input_schema: None,
+        };
+        assert_eq!(
+            task_fingerprint("core", &spec("x")),
+            task_fingerprint("core", &spec("x"))
+        );
+        assert_ne!(
+            task_fingerprint("core", &spec("x")),
+            task_fingerprint("base", &spec("x"))
+        );
+        assert_ne!(
+            task_fingerprint("core", &spec("x")),
+            task_fingerprint("core", &spec("y"))
+        );
+    }
+}
