@@ -816,6 +816,7 @@ fn the_state_directory_moves_with_the_flag_or_the_environment() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(by_env.join("server.sqlite").is_file());
+    assert!(by_env.join("ledger.sqlite").is_file());
     assert!(!dir.path().join(".groupflow").exists());
 
     let by_flag = dir.path().join("by-flag");
@@ -831,6 +832,7 @@ fn the_state_directory_moves_with_the_flag_or_the_environment() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(by_flag.join("server.sqlite").is_file());
+    assert!(by_flag.join("ledger.sqlite").is_file());
     assert!(!dir.path().join(".groupflow").exists());
 }
 

@@ -11,6 +11,7 @@
 //!     staging/                 finished outputs bound for S3, uploaded at commit
 //! ```
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Environment variable that moves the state directory.
@@ -53,20 +54,44 @@ impl StateDir {
         self.root.join("ledger.sqlite")
     }
 
-    /// Creates the directory and a fresh work area for one run.
+    /// Creates the directory and a fresh work area for one run. Work areas left by runs
+    /// that were killed (their lock is free) are removed first.
     pub fn start_run(&self) -> std::io::Result<WorkDir> {
+        let work = self.root.join("work");
+        std::fs::create_dir_all(&work)?;
+        for entry in std::fs::read_dir(&work)?.flatten() {
+            let dir = entry.path();
+            let abandoned = match File::open(dir.join(WORK_LOCK)) {
+                Ok(f) => f.try_lock().is_ok(),
+                // No lock file: a run killed before it made one.
+                Err(_) => true,
+            };
+            if abandoned {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
         let id = format!(
             "{}-{}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S"),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let root = self.root.join("work").join(&id);
+        let root = work.join(&id);
+        std::fs::create_dir_all(&root)?;
+        let lock = File::create(root.join(WORK_LOCK))?;
+        lock.lock()?;
         for sub in ["steps", "spill", "staging"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
-        Ok(WorkDir { id, root })
+        Ok(WorkDir {
+            id,
+            root,
+            _lock: lock,
+        })
     }
 }
+
+/// The lock file a live run holds in its work area.
+const WORK_LOCK: &str = ".lock";
 
 /// One run's scratch space. Removed when dropped: a run that ends, however it ends, leaves
 /// nothing behind in it.
@@ -74,6 +99,7 @@ impl StateDir {
 pub struct WorkDir {
     id: String,
     root: PathBuf,
+    _lock: File,
 }
 
 impl WorkDir {
@@ -119,7 +145,14 @@ mod tests {
         let work = s.start_run().unwrap();
         let step = work.step_file("x");
         assert!(step.parent().unwrap().is_dir());
+        // A live run's work area survives the start of another; a dead run's does not.
+        let dead = tmp.path().join("work/killed-run");
+        std::fs::create_dir_all(dead.join("steps")).unwrap();
+        let other = s.start_run().unwrap();
+        assert!(step.parent().unwrap().is_dir());
+        assert!(!dead.exists());
         drop(work);
         assert!(!step.parent().unwrap().exists());
+        drop(other);
     }
 }
