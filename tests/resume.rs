@@ -373,6 +373,11 @@ fn kill_and_resume(point: &str, outputs_before: usize) {
         "{stderr}"
     );
     assert_eq!(
+        stderr.contains("outputs it had committed (out/enriched.parquet)"),
+        outputs_before == 1,
+        "{stderr}"
+    );
+    assert_eq!(
         server.runs(),
         (DISTINCT as u64, DISTINCT as u64),
         "killed at {point}: repeated inputs {:?}",

@@ -287,6 +287,13 @@ pub async fn run(
             pipeline.spec.name,
             l.path().display()
         );
+        let committed = l.committed_outputs().await.unwrap_or_default();
+        if !committed.is_empty() {
+            eprintln!(
+                "groupflow: outputs it had committed ({}) are written again, with the same rows",
+                committed.join(", ")
+            );
+        }
     }
     match &api.target {
         ApiTarget::Embedded { base_url, db } => eprintln!(
