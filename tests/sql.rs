@@ -306,6 +306,36 @@ async fn enriched_rows_join_back_to_the_source() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_limit_submits_only_the_rows_it_keeps() {
+    let env = Env::start(
+        ServerConfig::for_tests(),
+        vec![("research", company_task())],
+    )
+    .await;
+    env.table("companies", &fixture("companies.csv")).await;
+    let limited = env
+        .query("SELECT id, run_status FROM enrich('research', 'companies') LIMIT 2")
+        .await;
+    assert_eq!(rows(&limited), 2);
+    let groups = env.groups();
+    assert_eq!(groups.len(), 1);
+    let runs = env
+        .query(&format!("SELECT * FROM task_group_runs('{}')", groups[0]))
+        .await;
+    assert_eq!(rows(&runs), 2, "only the two kept rows were submitted");
+    // Without the limit the rest follow; the first two are not submitted again.
+    let all = env
+        .query("SELECT id FROM enrich('research', 'companies')")
+        .await;
+    assert_eq!(rows(&all), 6);
+    let runs = env
+        .query(&format!("SELECT * FROM task_group_runs('{}')", groups[0]))
+        .await;
+    assert_eq!(rows(&runs), 6);
+    env.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn one_enrich_read_twice_submits_once() {
     let env = Env::start(
         ServerConfig::for_tests(),

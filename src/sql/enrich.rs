@@ -5,7 +5,8 @@
 //! Planning only parses the arguments and plans the source query; all network work happens
 //! when the plan executes. The table owns its submission: however many times its plan is
 //! executed (a CTE read twice, a DataFrame collected twice), the rows are submitted once and
-//! later executions read the same group again.
+//! later executions read the same group again. A `LIMIT n` that DataFusion pushes into the
+//! scan limits what is submitted: only the first `n` source rows become runs.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -183,9 +184,12 @@ struct Shared {
     source_schema: SchemaRef,
     encoder: InputEncoder,
     schema: SchemaRef,
-    /// The group and spilled rows, made by the first execution.
-    submitted: OnceCell<std::result::Result<Arc<Submitted>, Arc<EnrichError>>>,
+    /// The submission (group, spilled rows) of each row limit, made by the first execution
+    /// with that limit: `LIMIT n` pushed into the scan submits only `n` rows.
+    submitted: std::sync::Mutex<HashMap<Option<usize>, Arc<SubmittedCell>>>,
 }
+
+type SubmittedCell = OnceCell<std::result::Result<Arc<Submitted>, Arc<EnrichError>>>;
 
 struct Submitted {
     group_id: Option<String>,
@@ -257,7 +261,7 @@ impl EnrichTable {
                 source_schema,
                 encoder,
                 schema: schema.clone(),
-                submitted: OnceCell::new(),
+                submitted: Default::default(),
             }),
             schema,
             source_plan,
@@ -280,13 +284,14 @@ impl TableProvider for EnrichTable {
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
         _filters: &[Expr],
-        _limit: Option<usize>,
+        limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let source = state.create_physical_plan(&self.source_plan).await?;
         Ok(Arc::new(EnrichExec::new(
             self.shared.clone(),
             source,
             projection.cloned(),
+            limit,
         )?))
     }
 }
@@ -298,6 +303,8 @@ pub struct EnrichExec {
     /// the same every time the same data is read.
     source: Arc<dyn ExecutionPlan>,
     projection: Option<Vec<usize>>,
+    /// At most this many source rows are submitted (a `LIMIT` pushed into the scan).
+    limit: Option<usize>,
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
 }
@@ -316,6 +323,7 @@ impl EnrichExec {
         shared: Arc<Shared>,
         source: Arc<dyn ExecutionPlan>,
         projection: Option<Vec<usize>>,
+        limit: Option<usize>,
     ) -> Result<Self> {
         let schema = match &projection {
             Some(p) => Arc::new(shared.schema.project(p)?),
@@ -331,6 +339,7 @@ impl EnrichExec {
             shared,
             source,
             projection,
+            limit,
             schema,
             properties,
         })
@@ -343,7 +352,11 @@ impl DisplayAs for EnrichExec {
             f,
             "EnrichExec: task={}, source={:?}",
             self.shared.task.name, self.shared.source_sql
-        )
+        )?;
+        if let Some(n) = self.limit {
+            write!(f, ", limit={n}")?;
+        }
+        Ok(())
     }
 }
 
@@ -389,9 +402,10 @@ impl ExecutionPlan for EnrichExec {
         let shared = self.shared.clone();
         let source = self.source.clone();
         let projection = self.projection.clone();
+        let limit = self.limit;
         let schema = self.schema.clone();
         let results = async move {
-            let submitted = shared.submitted(source, context).await?;
+            let submitted = shared.submitted(source, context, limit).await?;
             let stream = shared.results(&submitted);
             Ok::<_, DataFusionError>(stream.map(move |batch| match &projection {
                 Some(p) => batch.and_then(|b| Ok(b.project(p)?)),
@@ -434,17 +448,24 @@ impl Shared {
         &self,
         source: Arc<dyn ExecutionPlan>,
         context: Arc<TaskContext>,
+        limit: Option<usize>,
     ) -> Result<Arc<Submitted>> {
-        self.submitted
-            .get_or_init(|| async {
-                self.submit_and_wait(source, context)
-                    .await
-                    .map(Arc::new)
-                    .map_err(Arc::new)
-            })
-            .await
-            .clone()
-            .map_err(external)
+        let cell = self
+            .submitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(limit)
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            self.submit_and_wait(limited(sequential(source, context), limit))
+                .await
+                .map(Arc::new)
+                .map_err(Arc::new)
+        })
+        .await
+        .clone()
+        .map_err(external)
     }
 
     /// This task's part of the ledger named by the options, or of a temporary one.
@@ -469,8 +490,7 @@ impl Shared {
 
     async fn submit_and_wait(
         &self,
-        source: Arc<dyn ExecutionPlan>,
-        context: Arc<TaskContext>,
+        input: BoxStream<'static, Result<RecordBatch>>,
     ) -> std::result::Result<Submitted, EnrichError> {
         let task = &self.task.name;
         let ledger = self.task_ledger().await?;
@@ -485,7 +505,7 @@ impl Shared {
             schema: &self.source_schema,
             spill_dir: self.options.spill_dir.as_deref(),
         };
-        let submission = submit(target, sequential(source, context), |p| {
+        let submission = submit(target, input, |p| {
             self.report(
                 p.group_id.as_deref(),
                 Phase::Submitting,
@@ -569,6 +589,28 @@ impl Shared {
         })
         .boxed()
     }
+}
+
+/// The first `limit` rows of `input` (all of them with no limit).
+fn limited(
+    input: BoxStream<'static, Result<RecordBatch>>,
+    limit: Option<usize>,
+) -> BoxStream<'static, Result<RecordBatch>> {
+    let Some(limit) = limit else { return input };
+    input
+        .scan(limit, |left, batch| {
+            let item = match batch {
+                _ if *left == 0 => None,
+                Ok(b) => {
+                    let take = (*left).min(b.num_rows());
+                    *left -= take;
+                    Some(Ok(b.slice(0, take)))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(item)
+        })
+        .boxed()
 }
 
 /// All partitions of `plan`, one after the other.
