@@ -80,11 +80,13 @@ pub struct SubmitConfig {
     pub batch_size: usize,
     /// Most add-runs POSTs in flight at once.
     pub max_in_flight: usize,
-    /// Most run-creating POSTs (add-runs and single runs, retries included) in any minute.
+    /// Most run-creating POSTs (add-runs and single runs, retries included) in any minute,
+    /// counted over a sliding window.
     pub posts_per_minute: u32,
-    /// POSTs that may go out back to back before the per-minute pace applies. The refill
-    /// rate is `(posts_per_minute - burst) / 60 s`, so no 60-second window ever sees more
-    /// than `posts_per_minute` POSTs.
+    /// POSTs that may go out back to back; after them the rest are spread at
+    /// `posts_per_minute / 60 s`. The default, `posts_per_minute`, spreads nothing: a job of
+    /// up to a minute's allowance goes out at full speed, and no window of a minute ever
+    /// sees more than `posts_per_minute` POSTs either way.
     pub burst: u32,
 }
 
@@ -94,7 +96,7 @@ impl Default for SubmitConfig {
             batch_size: api::DEFAULT_RUNS_PER_REQUEST,
             max_in_flight: 4,
             posts_per_minute: api::MAX_POSTS_PER_MINUTE,
-            burst: 50,
+            burst: api::MAX_POSTS_PER_MINUTE,
         }
     }
 }

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::config::ClientConfig;
 use super::error::{ClientError, api_error_from_parts};
-use super::limiter::TokenBucket;
+use super::limiter::Limiter;
 use super::retry::RetryState;
 use crate::api::{
     self, CreateTaskGroupRequest, Metadata, TaskGroup, TaskGroupRunResponse, TaskRun, TaskRunInput,
@@ -31,7 +31,7 @@ struct Inner {
     base: String,
     key: Option<HeaderValue>,
     config: ClientConfig,
-    limiter: TokenBucket,
+    limiter: Limiter,
     counters: Counters,
 }
 
@@ -115,7 +115,7 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ClientError::Config(format!("HTTP client: {e}")))?;
-        let limiter = TokenBucket::per_minute(config.submit.posts_per_minute, config.submit.burst);
+        let limiter = Limiter::per_minute(config.submit.posts_per_minute, config.submit.burst);
         Ok(Client {
             inner: Arc::new(Inner {
                 http,

@@ -1,52 +1,86 @@
-//! Client-side pacing of run-creating POSTs: a token bucket.
+//! Client-side pacing of run-creating POSTs: the API's own rule (at most N POSTs in any
+//! minute) as a sliding window, optionally smoothed by a token bucket.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A token bucket holding up to `burst` tokens, refilled at `rate` tokens a second.
+/// The window the per-minute limit is counted over: a minute, plus a second for the time a
+/// request spends in transit, so the server never counts more in any minute of arrivals.
+const WINDOW: Duration = Duration::from_secs(61);
+
+/// Hands out send times so that no [`WINDOW`] holds more than `per_minute` of them, and no
+/// more than `burst + rate * t` are handed out by time `t` (`rate` = `per_minute` / 60 s).
 ///
-/// Each caller takes its token at once, even into debt, and then sleeps off the debt, so
-/// waiters are served in arrival order and the number of tokens handed out by time `t`
-/// never exceeds `burst + rate * t`.
+/// Each caller reserves its slot at once, and then sleeps until it is due, so waiters are
+/// served in arrival order. With `burst == per_minute` (the default) only the window
+/// applies: a job of up to `per_minute` POSTs goes out at full speed, and a longer one at
+/// `per_minute` a minute on average.
 #[derive(Debug)]
-pub(crate) struct TokenBucket {
+pub(crate) struct Limiter {
+    per_minute: usize,
     burst: f64,
     rate: f64,
-    state: Mutex<(f64, Instant)>,
+    state: Mutex<State>,
 }
 
-impl TokenBucket {
-    /// At most `per_minute` tokens in any 60 seconds, `burst` of them back to back.
+#[derive(Debug)]
+struct State {
+    /// The token bucket: tokens left (negative = debt) as of `last`.
+    tokens: f64,
+    last: Instant,
+    /// The most recent `per_minute` reserved send times, oldest first (non-decreasing).
+    slots: VecDeque<Instant>,
+}
+
+impl Limiter {
+    /// At most `per_minute` POSTs in any minute, `burst` of them back to back.
     pub(crate) fn per_minute(per_minute: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        let rate = (f64::from(per_minute) - burst).max(1.0) / 60.0;
-        TokenBucket {
-            burst,
-            rate,
-            state: Mutex::new((burst, Instant::now())),
+        let per_minute = per_minute.max(1);
+        let burst = burst.clamp(1, per_minute);
+        Limiter {
+            per_minute: per_minute as usize,
+            burst: f64::from(burst),
+            rate: f64::from(per_minute) / 60.0,
+            state: Mutex::new(State {
+                tokens: f64::from(burst),
+                last: Instant::now(),
+                slots: VecDeque::new(),
+            }),
         }
     }
 
-    /// Takes one token, waiting until it is due.
+    /// Takes one slot, waiting until it is due.
     pub(crate) async fn acquire(&self) {
-        let wait = {
-            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let (tokens, last) = &mut *guard;
+        let due = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            *tokens =
-                (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
-            *last = now;
-            *tokens -= 1.0;
-            if *tokens >= 0.0 {
-                Duration::ZERO
+            s.tokens =
+                (s.tokens + now.duration_since(s.last).as_secs_f64() * self.rate).min(self.burst);
+            s.last = now;
+            s.tokens -= 1.0;
+            let mut due = if s.tokens >= 0.0 {
+                now
             } else {
-                Duration::from_secs_f64(-*tokens / self.rate)
+                now + Duration::from_secs_f64(-s.tokens / self.rate)
+            };
+            if s.slots.len() >= self.per_minute {
+                let oldest = s.slots[s.slots.len() - self.per_minute];
+                due = due.max(oldest + WINDOW);
             }
+            if let Some(&prev) = s.slots.back() {
+                due = due.max(prev);
+            }
+            s.slots.push_back(due);
+            while s.slots.len() > self.per_minute {
+                s.slots.pop_front();
+            }
+            due
         };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
         }
     }
 }
@@ -57,20 +91,28 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[tokio::test(start_paused = true)]
-    async fn never_hands_out_more_than_burst_plus_rate() {
-        // 660 a minute with a burst of 60: refills 10 a second.
-        let bucket = Arc::new(TokenBucket::per_minute(660, 60));
+    async fn take_all(
+        limiter: Arc<Limiter>,
+        n: usize,
+    ) -> (Arc<AtomicUsize>, Vec<tokio::task::JoinHandle<()>>) {
         let taken = Arc::new(AtomicUsize::new(0));
-        let start = Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..200 {
-            let (bucket, taken) = (bucket.clone(), taken.clone());
+        for _ in 0..n {
+            let (limiter, taken) = (limiter.clone(), taken.clone());
             tasks.push(tokio::spawn(async move {
-                bucket.acquire().await;
+                limiter.acquire().await;
                 taken.fetch_add(1, Ordering::SeqCst);
             }));
         }
+        (taken, tasks)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_the_per_minute_pace() {
+        // 600 a minute (10 a second) with a burst of 60.
+        let limiter = Arc::new(Limiter::per_minute(600, 60));
+        let start = Instant::now();
+        let (taken, tasks) = take_all(limiter, 200).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(taken.load(Ordering::SeqCst), 60, "the burst goes at once");
         tokio::time::sleep_until(start + Duration::from_millis(5050)).await;
@@ -80,5 +122,35 @@ mod tests {
         }
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_secs(14) && elapsed < Duration::from_millis(14_100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_limit_in_any_window() {
+        // The default shape: the whole minute's allowance at once, then the window binds.
+        let limiter = Arc::new(Limiter::per_minute(100, 100));
+        let start = Instant::now();
+        let (taken, tasks) = take_all(limiter, 250).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            100,
+            "a minute's allowance at once"
+        );
+        tokio::time::sleep_until(start + WINDOW - Duration::from_millis(10)).await;
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            100,
+            "nothing more inside the window"
+        );
+        tokio::time::sleep_until(start + WINDOW + Duration::from_millis(10)).await;
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            200,
+            "the next allowance when it ends"
+        );
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(start.elapsed() < 2 * WINDOW + Duration::from_millis(100));
     }
 }
