@@ -22,6 +22,7 @@ mod http;
 mod limiter;
 mod retry;
 mod row_key;
+mod sse;
 mod streams;
 mod submit;
 

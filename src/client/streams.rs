@@ -1,18 +1,18 @@
 //! SSE streams of a group (`/runs`, `/events`) that resume from the last `event_id` after a
 //! dropped connection, `wait` driven by the events stream, and single-run events.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
-use eventsource_stream::{Event, EventStream, Eventsource};
 use futures::stream::{BoxStream, StreamExt};
 use serde::Deserialize;
 
 use super::error::ClientError;
 use super::http::{Client, segment};
 use super::retry::RetryState;
+use super::sse::{Event, Parser};
 use crate::api::{
     ErrorObject, RunStatus, StreamEvent, TaskGroupStatus, TaskGroupStatusEvent, TaskRunEvent, paths,
 };
@@ -91,93 +91,46 @@ fn decode_event(ev: &Event, statuses_only: bool) -> Result<Frame<StreamEvent>, s
     })
 }
 
-/// Remembers the last bytes of a body, so a body that ends mid-frame (a cut that closed the
-/// connection cleanly) is told apart from one that ended after a complete frame.
-#[derive(Default)]
-struct Tail {
-    last4: AtomicU32,
-    bytes: AtomicU64,
-}
-
-impl Tail {
-    fn observe(&self, chunk: &[u8]) {
-        let mut v = self.last4.load(Ordering::Relaxed);
-        for b in chunk.iter().rev().take(4).rev() {
-            v = (v << 8) | u32::from(*b);
-        }
-        self.last4.store(v, Ordering::Relaxed);
-        self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    }
-
-    /// True when the body so far is empty or ends with a blank line.
-    fn at_boundary(&self) -> bool {
-        let v = self.last4.load(Ordering::Relaxed);
-        self.bytes.load(Ordering::Relaxed) == 0
-            || v & 0xFFFF == 0x0A0A
-            || v & 0xFFFF == 0x0D0D
-            || v == 0x0D0A_0D0A
-    }
-}
-
 type Body = BoxStream<'static, Result<Bytes, reqwest::Error>>;
-
-/// Largest piece handed to the SSE parser. eventsource-stream copies the rest of its buffer
-/// for every line it takes, so its cost grows with the square of the chunk size: a 40 MB
-/// body read as one chunk takes minutes, in 16 KiB pieces about a second.
-const MAX_PIECE: usize = 16 * 1024;
-
-/// Splits a large chunk into zero-copy pieces of at most [`MAX_PIECE`] bytes.
-fn pieces<E>(chunk: Result<Bytes, E>) -> Vec<Result<Bytes, E>> {
-    match chunk {
-        Ok(b) if b.len() > MAX_PIECE => (0..b.len())
-            .step_by(MAX_PIECE)
-            .map(|i| Ok(b.slice(i..(i + MAX_PIECE).min(b.len()))))
-            .collect(),
-        other => vec![other],
-    }
-}
 
 /// One SSE connection: frames, an idle bound per read, and cut detection.
 struct Connection {
-    events: EventStream<Body>,
-    tail: Arc<Tail>,
+    body: Body,
+    parser: Parser,
+    ready: VecDeque<Event>,
     idle: Duration,
     endpoint: String,
 }
 
 impl Connection {
     fn new(resp: reqwest::Response, idle: Duration, endpoint: &str) -> Self {
-        let tail = Arc::new(Tail::default());
-        let t = tail.clone();
-        let body: Body = resp
-            .bytes_stream()
-            .inspect(move |chunk| {
-                if let Ok(c) = chunk {
-                    t.observe(c);
-                }
-            })
-            .flat_map(|chunk| futures::stream::iter(pieces(chunk)))
-            .boxed();
         Connection {
-            events: body.eventsource(),
-            tail,
+            body: resp.bytes_stream().boxed(),
+            parser: Parser::default(),
+            ready: VecDeque::new(),
             idle,
             endpoint: endpoint.to_string(),
         }
     }
 
-    /// The next frame; `Ok(None)` when the body ended after a complete frame.
+    /// The next frame; `Ok(None)` when the body ended after a complete frame. Fails when
+    /// nothing at all (not even a keep-alive comment) arrives for the idle bound.
     async fn next(&mut self) -> Result<Option<Event>, ClientError> {
         let cut = |reason: String| ClientError::StreamCut {
             endpoint: self.endpoint.clone(),
             reason,
         };
-        match tokio::time::timeout(self.idle, self.events.next()).await {
-            Err(_) => Err(cut(format!("nothing received for {:?}", self.idle))),
-            Ok(Some(Ok(ev))) => Ok(Some(ev)),
-            Ok(Some(Err(e))) => Err(cut(e.to_string())),
-            Ok(None) if self.tail.at_boundary() => Ok(None),
-            Ok(None) => Err(cut("body ended inside a frame".into())),
+        loop {
+            if let Some(ev) = self.ready.pop_front() {
+                return Ok(Some(ev));
+            }
+            match tokio::time::timeout(self.idle, self.body.next()).await {
+                Err(_) => return Err(cut(format!("nothing received for {:?}", self.idle))),
+                Ok(Some(Ok(chunk))) => self.parser.feed(&chunk, &mut self.ready),
+                Ok(Some(Err(e))) => return Err(cut(e.to_string())),
+                Ok(None) if self.parser.at_boundary() => return Ok(None),
+                Ok(None) => return Err(cut("body ended inside a frame".into())),
+            }
         }
     }
 }
@@ -524,37 +477,5 @@ mod tests {
             Ok(Frame::Skip)
         ));
         assert!(decode_event(&event("task_run.state", "not json"), false).is_err());
-    }
-
-    #[test]
-    fn large_chunks_are_cut_into_small_pieces() {
-        let big = Bytes::from(vec![b'x'; 3 * MAX_PIECE + 5]);
-        let parts = pieces::<()>(Ok(big.clone()));
-        assert_eq!(parts.len(), 4);
-        let mut joined = Vec::new();
-        for p in parts {
-            let p = p.unwrap();
-            assert!(p.len() <= MAX_PIECE);
-            joined.extend_from_slice(&p);
-        }
-        assert_eq!(joined, big);
-        assert_eq!(pieces::<()>(Ok(Bytes::from_static(b"ab"))).len(), 1);
-        assert_eq!(pieces::<()>(Err(())).len(), 1);
-    }
-
-    #[test]
-    fn tail_tells_complete_from_cut_bodies() {
-        let t = Tail::default();
-        assert!(t.at_boundary());
-        t.observe(b"event: x\ndata: {}\n\n");
-        assert!(t.at_boundary());
-        t.observe(b"data: {\"a\"");
-        assert!(!t.at_boundary());
-        t.observe(b":1}\n");
-        assert!(!t.at_boundary());
-        t.observe(b"\n");
-        assert!(t.at_boundary());
-        t.observe(b"data: x\r\n\r\n");
-        assert!(t.at_boundary());
     }
 }
