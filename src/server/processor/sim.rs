@@ -2,6 +2,7 @@
 //! a hash of (input, task spec), so the same run always gives the same answer at no cost.
 
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -14,28 +15,52 @@ use crate::server::SimConfig;
 const MAX_GEN_DEPTH: usize = 12;
 
 /// The simulated processor.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Sim {
     config: SimConfig,
+    /// The last spec seen and its canonical JSON (see [`Sim::seed`]).
+    spec_cache: Mutex<Option<CachedSpec>>,
 }
+
+/// A spec and its canonical JSON.
+type CachedSpec = (Arc<TaskSpec>, Arc<[u8]>);
 
 impl Sim {
     /// A simulator with the given latency and failure rate.
     pub fn new(config: SimConfig) -> Sim {
-        Sim { config }
+        Sim {
+            config,
+            spec_cache: Mutex::new(None),
+        }
     }
 
     /// The stable seed of a run: FNV-1a over canonical JSON of the input and spec.
+    #[cfg(test)]
     pub fn seed(input: &Value, spec: Option<&TaskSpec>) -> u64 {
-        let mut text = String::new();
-        canonical(input, &mut text);
-        text.push('\u{1}');
-        if let Some(spec) = spec
-            && let Ok(v) = serde_json::to_value(spec)
-        {
-            canonical(&v, &mut text);
-        }
-        fnv1a(text.as_bytes())
+        let spec = spec.map(spec_canonical);
+        seed_of(input, spec.as_deref())
+    }
+
+    /// [`Sim::seed`], with the spec's canonical JSON computed once per shared spec (the runs
+    /// of a batch share one `Arc`) instead of once per run.
+    fn seed_cached(&self, input: &Value, spec: Option<&Arc<TaskSpec>>) -> u64 {
+        let Some(spec) = spec else {
+            return seed_of(input, None);
+        };
+        let cached = {
+            let guard = self.spec_cache.lock().unwrap_or_else(|p| p.into_inner());
+            guard
+                .as_ref()
+                .filter(|(s, _)| Arc::ptr_eq(s, spec))
+                .map(|(_, text)| text.clone())
+        };
+        let text = cached.unwrap_or_else(|| {
+            let text: Arc<[u8]> = spec_canonical(spec).into();
+            *self.spec_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((spec.clone(), text.clone()));
+            text
+        });
+        seed_of(input, Some(&text))
     }
 
     /// How long the run takes: a point of the configured range chosen by the seed.
@@ -117,7 +142,7 @@ impl Sim {
 impl Processor for Sim {
     fn process<'a>(&'a self, job: &'a Job) -> ProcessFuture<'a> {
         Box::pin(async move {
-            let seed = Sim::seed(&job.input, job.spec.as_deref());
+            let seed = self.seed_cached(&job.input, job.spec.as_ref());
             let wait = self.latency(seed);
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
@@ -157,44 +182,104 @@ fn subject(input: &Value) -> String {
     s.chars().take(60).collect()
 }
 
-/// JSON with object keys sorted, so equal values hash equally whatever their key order.
-fn canonical(v: &Value, out: &mut String) {
+/// FNV-1a of canonical JSON of the input, a `\u{1}`, and the spec's canonical JSON (when
+/// the spec has one), written straight into the hash.
+fn seed_of(input: &Value, spec: Option<&[u8]>) -> u64 {
+    let mut h = Fnv::default();
+    canonical(input, &mut h);
+    h.write_all(b"\x01");
+    if let Some(spec) = spec {
+        h.write_all(spec);
+    }
+    h.0
+}
+
+/// Canonical JSON of a spec as the wire has it (empty if it cannot be serialized).
+fn spec_canonical(spec: &TaskSpec) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::to_value(spec) {
+        canonical(&v, &mut out);
+    }
+    out
+}
+
+/// Where canonical JSON goes: a hash or a buffer.
+trait Sink {
+    fn write_all(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn write_all(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// A running FNV-1a hash.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Sink for Fnv {
+    fn write_all(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// Lets serde_json write scalars into a [`Sink`].
+struct SinkWriter<'a, S: Sink>(&'a mut S);
+
+impl<S: Sink> std::io::Write for SinkWriter<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// JSON with object keys sorted, so equal values hash equally whatever their key order
+/// (compact, strings escaped as serde_json writes them).
+fn canonical<S: Sink>(v: &Value, out: &mut S) {
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            out.push('{');
+            out.write_all(b"{");
             for (i, k) in keys.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.write_all(b",");
                 }
-                out.push_str(&Value::from(k.as_str()).to_string());
-                out.push(':');
+                let _ = serde_json::to_writer(SinkWriter(out), k.as_str());
+                out.write_all(b":");
                 canonical(&m[k.as_str()], out);
             }
-            out.push('}');
+            out.write_all(b"}");
         }
         Value::Array(a) => {
-            out.push('[');
+            out.write_all(b"[");
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.write_all(b",");
                 }
                 canonical(x, out);
             }
-            out.push(']');
+            out.write_all(b"]");
         }
-        other => out.push_str(&other.to_string()),
+        other => {
+            let _ = serde_json::to_writer(SinkWriter(out), other);
+        }
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// SplitMix64's finalizer.
@@ -812,5 +897,71 @@ mod tests {
         );
         let never = Sim::default();
         assert!((0..100).all(|i| !never.fails(Sim::seed(&json!(i), None))));
+    }
+
+    /// The seed as first defined: FNV-1a over a canonical string built with `to_string`.
+    fn reference_seed(input: &Value, spec: Option<&TaskSpec>) -> u64 {
+        fn canon(v: &Value, out: &mut String) {
+            match v {
+                Value::Object(m) => {
+                    let mut keys: Vec<&String> = m.keys().collect();
+                    keys.sort();
+                    out.push('{');
+                    for (i, k) in keys.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(&Value::from(k.as_str()).to_string());
+                        out.push(':');
+                        canon(&m[k.as_str()], out);
+                    }
+                    out.push('}');
+                }
+                Value::Array(a) => {
+                    out.push('[');
+                    for (i, x) in a.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        canon(x, out);
+                    }
+                    out.push(']');
+                }
+                other => out.push_str(&other.to_string()),
+            }
+        }
+        let mut text = String::new();
+        canon(input, &mut text);
+        text.push('\u{1}');
+        if let Some(spec) = spec {
+            canon(&serde_json::to_value(spec).unwrap(), &mut text);
+        }
+        let mut h = Fnv::default();
+        h.write_all(text.as_bytes());
+        h.0
+    }
+
+    #[test]
+    fn seeds_are_stable_and_the_spec_cache_changes_nothing() {
+        let sim = Sim::default();
+        let spec = std::sync::Arc::new(json_spec(rich_schema()).unwrap());
+        let other = std::sync::Arc::new(
+            json_spec(json!({"type": "object",
+            "properties": {"a\"\u{e9}\n": {"type": "string"}}}))
+            .unwrap(),
+        );
+        let inputs = [
+            json!({"name": "Acme \"Inc\"", "n": 1.5, "z": [1, null, true], "a": {"y": "\u{1}é"}}),
+            json!("plain text"),
+            json!({}),
+        ];
+        for input in &inputs {
+            for s in [&spec, &other, &spec] {
+                let want = reference_seed(input, Some(s));
+                assert_eq!(Sim::seed(input, Some(s)), want);
+                assert_eq!(sim.seed_cached(input, Some(s)), want);
+            }
+            assert_eq!(sim.seed_cached(input, None), reference_seed(input, None));
+        }
     }
 }
