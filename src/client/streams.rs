@@ -1,20 +1,21 @@
 //! SSE streams of a group (`/runs`, `/events`) that resume from the last `event_id` after a
 //! dropped connection, `wait` driven by the events stream, and single-run events.
 
-use std::time::Duration;
-
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::error::ClientError;
 use super::http::{Client, segment};
 use super::retry::RetryState;
 use super::sse::{Event, Parser};
 use crate::api::{
-    ErrorObject, RunStatus, StreamEvent, TaskGroupStatus, TaskGroupStatusEvent, TaskRunEvent, paths,
+    ErrorObject, FieldBasis, RunStatus, StreamEvent, TaskGroupStatus, TaskGroupStatusEvent,
+    TaskRun, TaskRunEvent, TaskRunInput, TaskRunOutput, paths,
 };
 
 /// What to read from a group's `/runs` stream.
@@ -57,12 +58,84 @@ enum Frame<T> {
     Skip,
 }
 
+/// A `task_run.state` event as sent, with the output read without buffering: serde's
+/// derived reader of the internally tagged [`TaskRunOutput`] first copies the whole output
+/// into an intermediate tree to find its `type`, which cost more than the rest of the event.
+#[derive(Deserialize)]
+struct RunEventWire {
+    #[serde(default)]
+    event_id: Option<String>,
+    run: TaskRun,
+    #[serde(default)]
+    input: Option<TaskRunInput>,
+    #[serde(default)]
+    output: Option<OutputWire>,
+}
+
+/// Both output shapes in one struct; `type` says which one it is.
+#[derive(Deserialize)]
+struct OutputWire {
+    #[serde(rename = "type")]
+    kind: String,
+    content: Option<Value>,
+    #[serde(default)]
+    basis: Vec<FieldBasis>,
+    #[serde(default)]
+    output_schema: Option<Value>,
+    #[serde(default)]
+    mcp_tool_calls: Option<Value>,
+    #[serde(default)]
+    beta_fields: Option<Value>,
+}
+
+impl OutputWire {
+    /// The output, or `None` when it is not a well-formed JSON or text output.
+    fn into_output(self) -> Option<TaskRunOutput> {
+        Some(match (self.kind.as_str(), self.content?) {
+            ("json", content) => TaskRunOutput::Json {
+                content,
+                basis: self.basis,
+                output_schema: self.output_schema,
+                mcp_tool_calls: self.mcp_tool_calls,
+                beta_fields: self.beta_fields,
+            },
+            ("text", Value::String(content)) => TaskRunOutput::Text {
+                content,
+                basis: self.basis,
+                mcp_tool_calls: self.mcp_tool_calls,
+                beta_fields: self.beta_fields,
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Reads a `task_run.state` event's data. Anything the fast reader does not take as a
+/// well-formed event is read again by [`TaskRunEvent`]'s own reader, for its exact error.
+fn decode_run_state(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
+    if let Ok(w) = serde_json::from_str::<RunEventWire>(data) {
+        let output = match w.output {
+            None => Some(None),
+            Some(o) => o.into_output().map(Some),
+        };
+        if let Some(output) = output {
+            return Ok(TaskRunEvent {
+                event_id: w.event_id,
+                run: w.run,
+                input: w.input,
+                output,
+            });
+        }
+    }
+    serde_json::from_str(data)
+}
+
 /// Decodes a `/runs` frame. The SSE event name picks the type, so `task_run.state` data is
 /// read straight into [`TaskRunEvent`]; frames without a known name fall back to the JSON
 /// `type`.
 fn decode_run(ev: &Event) -> Result<Frame<TaskRunEvent>, serde_json::Error> {
     Ok(match ev.event.as_str() {
-        "task_run.state" => Frame::Item(serde_json::from_str(&ev.data)?),
+        "task_run.state" => Frame::Item(decode_run_state(&ev.data)?),
         "error" => Frame::Failure(serde_json::from_str::<ErrorEventBody>(&ev.data)?.error),
         _ => match serde_json::from_str::<StreamEvent>(&ev.data)? {
             StreamEvent::RunState(run) => Frame::Item(*run),
@@ -79,9 +152,9 @@ fn decode_event(ev: &Event, statuses_only: bool) -> Result<Frame<StreamEvent>, s
             TaskGroupStatusEvent,
         >(&ev.data)?)),
         "task_run.state" if statuses_only => Frame::Skip,
-        "task_run.state" => Frame::Item(StreamEvent::RunState(Box::new(serde_json::from_str(
-            &ev.data,
-        )?))),
+        "task_run.state" => {
+            Frame::Item(StreamEvent::RunState(Box::new(decode_run_state(&ev.data)?)))
+        }
         "error" => Frame::Failure(serde_json::from_str::<ErrorEventBody>(&ev.data)?.error),
         _ => match serde_json::from_str::<StreamEvent>(&ev.data)? {
             StreamEvent::Error { error } => Frame::Failure(error),
@@ -477,5 +550,39 @@ mod tests {
             Ok(Frame::Skip)
         ));
         assert!(decode_event(&event("task_run.state", "not json"), false).is_err());
+    }
+
+    #[test]
+    fn run_states_read_the_same_as_the_derived_reader() {
+        let run = r#""run":{"run_id":"trun_1","status":"completed","is_active":false}"#;
+        let basis = r#""basis":[{"field":"a","reasoning":"r","citations":[{"url":"u","excerpts":["x"]}],"confidence":"high"}]"#;
+        for data in [
+            format!(
+                r#"{{"type":"task_run.state","event_id":"5",{run},"input":{{"input":{{"a":1}},"processor":"core"}},"output":{{"type":"json","content":{{"a":[1,{{"b":null}}]}},{basis},"output_schema":{{"type":"object"}}}}}}"#
+            ),
+            format!(
+                r#"{{"type":"task_run.state",{run},"output":{{"type":"text","content":"hello",{basis},"beta_fields":{{"x":1}}}}}}"#
+            ),
+            format!(r#"{{"type":"task_run.state",{run},"output":null}}"#),
+            format!(r#"{{{run}}}"#),
+        ] {
+            let want: TaskRunEvent = serde_json::from_str(&data).unwrap();
+            assert_eq!(decode_run_state(&data).unwrap(), want, "{data}");
+        }
+        for bad in [
+            format!(r#"{{{run},"output":{{"type":"text","content":{{"not":"text"}}}}}}"#),
+            format!(r#"{{{run},"output":{{"type":"json"}}}}"#),
+            format!(r#"{{{run},"output":{{"type":"html","content":"x"}}}}"#),
+            r#"{"output":null}"#.to_string(),
+        ] {
+            let want = serde_json::from_str::<TaskRunEvent>(&bad)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                decode_run_state(&bad).unwrap_err().to_string(),
+                want,
+                "{bad}"
+            );
+        }
     }
 }
