@@ -9,9 +9,8 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow::array::{Array, RecordBatch, StringArray};
 use arrow::datatypes::DataType;
@@ -143,38 +142,7 @@ fn group_ids(stdout: &str) -> Vec<String> {
         .collect()
 }
 
-/// `groupflow serve` as a child process on a free port, stopped when dropped.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    fn start(extra: &[&str]) -> Serve {
-        let port = common::free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut args = vec!["serve", "--addr", &addr];
-        args.extend_from_slice(extra);
-        let child = Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start groupflow serve");
-        common::wait_for_port(port, Duration::from_secs(30));
-        Serve {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Serve;
 
 #[test]
 fn company_research_runs_on_the_embedded_server() {

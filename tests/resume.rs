@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -41,29 +41,21 @@ const AMBIENT: &[&str] = &[
 
 /// `groupflow serve` with a SQLite file, as a child process; killed when dropped.
 struct Serve {
-    child: Child,
     url: String,
     db: PathBuf,
+    _server: common::Serve,
 }
 
 impl Serve {
     fn start(db: &Path, extra: &[&str]) -> Serve {
-        let port = common::free_port();
-        let addr = format!("127.0.0.1:{port}");
         let db_arg = db.display().to_string();
-        let mut args = vec!["serve", "--addr", &addr, "--db", &db_arg];
+        let mut args = vec!["--db", &db_arg];
         args.extend_from_slice(extra);
-        let child = Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start groupflow serve");
-        common::wait_for_port(port, Duration::from_secs(30));
+        let server = common::Serve::start(&args);
         Serve {
-            child,
-            url: format!("http://{addr}"),
+            url: server.url.clone(),
             db: db.to_path_buf(),
+            _server: server,
         }
     }
 
@@ -96,13 +88,6 @@ impl Serve {
             .unwrap()
             .map(Result::unwrap)
             .collect()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -191,15 +176,37 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Starts a run that stops itself at `point`, waits until it has, and kills it (SIGKILL).
-/// Returns what it printed on stderr.
-fn kill_at(dir: &Path, server: &Serve, point: &str) -> String {
+/// Starts a run that stops itself at `point` and returns once it has stopped there: the
+/// child, its stderr (still open), and what it printed up to the pause.
+fn start_paused(
+    dir: &Path,
+    server: &Serve,
+    point: &str,
+) -> (Child, BufReader<ChildStderr>, String) {
     let mut child = run_command(dir, server, &[], &[("GROUPFLOW_PAUSE_AT", point)])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let seen = read_until(&mut child, &format!("groupflow: paused at {point}"));
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let marker = format!("groupflow: paused at {point}");
+    let mut seen = String::new();
+    while !seen.contains(&marker) {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("groupflow ended ({status}) before `{marker}`:\n{seen}");
+        }
+        seen.push_str(&line);
+    }
+    wait_stopped(child.id());
+    (child, stderr, seen)
+}
+
+/// Starts a run that stops itself at `point`, and kills it there (SIGKILL). Returns what
+/// it printed on stderr.
+fn kill_at(dir: &Path, server: &Serve, point: &str) -> String {
+    let (mut child, _stderr, seen) = start_paused(dir, server, point);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "killed by a signal:\n{seen}");
@@ -222,29 +229,6 @@ fn wait_stopped(pid: u32) {
             "{pid} never stopped"
         );
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Reads `child`'s stderr until a line contains `marker`; panics if it ends first.
-fn read_until(child: &mut Child, marker: &str) -> String {
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        if n == 0 {
-            let status = child.wait().unwrap();
-            panic!("groupflow ended ({status}) before `{marker}`:\n{seen}");
-        }
-        seen.push_str(&line);
-        if line.contains(marker) {
-            // Keep draining stderr so the child never blocks on a full pipe.
-            std::thread::spawn(move || {
-                let mut rest = String::new();
-                let _ = stderr.read_to_string(&mut rest);
-            });
-            return seen;
-        }
     }
 }
 
@@ -491,25 +475,8 @@ fn ctrl_c_stops_submitting_writes_nothing_and_the_next_run_resumes() {
     let dir = project_sized("core", 0.1, rows, distinct);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
     // Stopped right after its second batch of runs was added; Ctrl-C arrives as it wakes.
-    let mut child = run_command(
-        dir.path(),
-        &server,
-        &[],
-        &[("GROUPFLOW_PAUSE_AT", "runs.added:2")],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("groupflow: paused at runs.added:2") {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
-        seen.push_str(&line);
-    }
+    let (mut child, mut stderr, seen) = start_paused(dir.path(), &server, "runs.added:2");
     let pid = child.id().to_string();
-    wait_stopped(child.id());
     for signal in ["-INT", "-CONT"] {
         assert!(
             Command::new("kill")
@@ -734,17 +701,7 @@ fn faults_in_the_api_cost_no_extra_runs_and_lose_no_rows() {
 fn two_runs_of_one_pipeline_cannot_share_a_state_directory() {
     let dir = project("core", 0.1);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
-    let mut first = run_command(
-        dir.path(),
-        &server,
-        &[],
-        &[("GROUPFLOW_PAUSE_AT", "runs.added:1")],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    read_until(&mut first, "groupflow: paused at runs.added:1");
+    let (mut first, _stderr, _) = start_paused(dir.path(), &server, "runs.added:1");
     let second = run(dir.path(), &server, &[]);
     first.kill().unwrap();
     first.wait().unwrap();

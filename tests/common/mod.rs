@@ -83,3 +83,36 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// `groupflow serve` as a child process on a free loopback port, killed when dropped.
+pub struct Serve {
+    child: Child,
+    pub url: String,
+}
+
+impl Serve {
+    /// Starts `groupflow serve --addr 127.0.0.1:PORT EXTRA…` and waits until it listens.
+    pub fn start(extra: &[&str]) -> Serve {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_groupflow"))
+            .args(["serve", "--addr", &addr])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start groupflow serve");
+        wait_for_port(port, Duration::from_secs(30));
+        Serve {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
