@@ -110,9 +110,10 @@ impl OutputWire {
     }
 }
 
-/// Reads a `task_run.state` event's data. Anything the fast reader does not take as a
-/// well-formed event is read again by [`TaskRunEvent`]'s own reader, for its exact error.
-fn decode_run_state(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
+/// Reads a `task_run.state` event's data (or a [`TaskRunEvent`] as serde writes it).
+/// Anything the fast reader does not take as a well-formed event is read again by
+/// [`TaskRunEvent`]'s own reader, for its exact error.
+pub fn decode_run_state(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
     if let Ok(w) = serde_json::from_str::<RunEventWire>(data) {
         let output = match w.output {
             None => Some(None),

@@ -121,6 +121,7 @@ pub struct Reconciled {
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
+PRAGMA cache_size = -16384;
 CREATE TABLE IF NOT EXISTS attempts (
   attempt INTEGER PRIMARY KEY,
   pipeline TEXT NOT NULL,
@@ -148,8 +149,12 @@ CREATE TABLE IF NOT EXISTS runs (
   group_id TEXT,
   run_id TEXT,
   status TEXT NOT NULL,
-  result TEXT,
+  result_id INTEGER,
   PRIMARY KEY (task_id, input_key)
+);
+CREATE TABLE IF NOT EXISTS results (
+  result_id INTEGER PRIMARY KEY,
+  json TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_group ON runs(group_id);
 CREATE TABLE IF NOT EXISTS outputs (
@@ -547,7 +552,7 @@ impl TaskLedger {
             .blocking(move |c| {
                 let tx = c.transaction()?;
                 tx.execute(
-                    "DELETE FROM runs WHERE task_id = ?1 AND attempt = ?2 AND result IS NULL",
+                    "DELETE FROM runs WHERE task_id = ?1 AND attempt = ?2 AND result_id IS NULL",
                     params![task, attempt],
                 )?;
                 tx.execute(
@@ -572,32 +577,38 @@ impl TaskLedger {
                 let mut claims = Vec::with_capacity(keys.len());
                 {
                     let mut find = tx.prepare_cached(
-                        "SELECT attempt, session, status FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                        "SELECT attempt, session, status, result_id FROM runs
+                         WHERE task_id = ?1 AND input_key = ?2",
                     )?;
                     let mut put = tx.prepare_cached(
                         "INSERT INTO runs (task_id, input_key, attempt, session, status)
                          VALUES (?1, ?2, ?3, ?4, 'queued')
                          ON CONFLICT (task_id, input_key) DO UPDATE SET
                            attempt = ?3, session = ?4, status = 'queued',
-                           group_id = NULL, run_id = NULL, result = NULL",
+                           group_id = NULL, run_id = NULL, result_id = NULL",
                     )?;
+                    let mut drop_result =
+                        tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
                     for key in &keys {
-                        let known: Option<(i64, String, String)> = find
+                        type Known = (i64, String, String, Option<i64>);
+                        let known: Option<Known> = find
                             .query_row(params![task, key], |r| {
-                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                             })
                             .optional()?;
-                        let claim = match known {
-                            Some((a, s, _)) if a == attempt && s == session => Claim::Duplicate,
+                        let claim = match &known {
+                            Some((a, s, _, _)) if *a == attempt && *s == session => {
+                                Claim::Duplicate
+                            }
                             // Claimed before an interruption: shared if the server has its
                             // run (see `reconcile`), sent again if its POST never arrived.
-                            Some((a, _, st)) if a == attempt && st != status::QUEUED => {
+                            Some((a, _, st, _)) if *a == attempt && st != status::QUEUED => {
                                 Claim::Resumed
                             }
-                            Some((_, _, st)) if !options.no_cache && st == status::COMPLETED => {
+                            Some((_, _, st, _)) if !options.no_cache && st == status::COMPLETED => {
                                 Claim::Cached
                             }
-                            Some((_, _, st))
+                            Some((_, _, st, _))
                                 if !options.no_cache
                                     && !options.retry_failed
                                     && st == status::FAILED =>
@@ -607,6 +618,9 @@ impl TaskLedger {
                             _ => Claim::Submit,
                         };
                         if claim == Claim::Submit {
+                            if let Some((_, _, _, Some(old))) = known {
+                                drop_result.execute(params![old])?;
+                            }
                             put.execute(params![task, key, attempt, session])?;
                         }
                         claims.push(claim);
@@ -653,7 +667,7 @@ impl TaskLedger {
         self.ledger
             .blocking(move |c| {
                 c.query_row(
-                    "SELECT count(*), count(*) - count(result) FROM runs
+                    "SELECT count(*), count(*) - count(result_id) FROM runs
                      WHERE task_id = ?1 AND attempt = ?2",
                     params![task, attempt],
                     |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
@@ -674,26 +688,45 @@ impl TaskLedger {
             .blocking(move |c| {
                 let tx = c.transaction()?;
                 {
-                    let mut s = tx.prepare_cached(
-                        "UPDATE runs SET status = ?5, run_id = ?6, result = ?7, group_id = ?4
+                    // Results are appended to their own table (sequential rowids); the run's
+                    // row, keyed by a random-looking input key, only gains the result's id.
+                    let mut add = tx.prepare_cached("INSERT INTO results (json) VALUES (?1)")?;
+                    let mut link = tx.prepare_cached(
+                        "UPDATE runs SET status = ?5, run_id = ?6, result_id = ?7, group_id = ?4
                          WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3
-                           AND (result IS NULL OR status != 'completed')",
+                           AND (result_id IS NULL OR status != 'completed')",
                     )?;
+                    let mut find_old = tx.prepare_cached(
+                        "SELECT result_id FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                    )?;
+                    let mut drop_result =
+                        tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
                     for r in &results {
                         let st = if r.completed {
                             status::COMPLETED
                         } else {
                             status::FAILED
                         };
-                        s.execute(params![
+                        let old: Option<i64> = find_old
+                            .query_row(params![task, r.input_key], |row| row.get(0))
+                            .optional()?
+                            .flatten();
+                        add.execute(params![r.json])?;
+                        let id = tx.last_insert_rowid();
+                        let linked = link.execute(params![
                             task,
                             r.input_key,
                             attempt,
                             group,
                             st,
                             r.run_id,
-                            r.json
+                            id
                         ])?;
+                        // Kept: the stored (completed) result; replaced: the older one.
+                        let unused = if linked == 0 { Some(id) } else { old };
+                        if let Some(unused) = unused {
+                            drop_result.execute(params![unused])?;
+                        }
                     }
                 }
                 tx.commit()
@@ -709,7 +742,8 @@ impl TaskLedger {
         self.ledger
             .blocking(move |c| {
                 let mut s = c.prepare_cached(
-                    "SELECT result FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                    "SELECT json FROM results WHERE result_id =
+                       (SELECT result_id FROM runs WHERE task_id = ?1 AND input_key = ?2)",
                 )?;
                 keys.iter()
                     .map(|k| {

@@ -19,6 +19,9 @@ use object_store::buffered::BufWriter;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+
+/// Rows per Parquet row group.
+const ROW_GROUP_ROWS: usize = 64 * 1024;
 use tempfile::NamedTempFile;
 use tokio::io::AsyncWriteExt;
 
@@ -283,8 +286,11 @@ impl FormatWriter {
         let inner = match format {
             FileFormat::Parquet => {
                 let level = ZstdLevel::try_new(3).map_err(|e| enc(&e))?;
+                // Row groups of 64k rows: the writer holds one row group's pages in memory,
+                // so the default (1M rows) would make memory grow with the output.
                 let props = WriterProperties::builder()
                     .set_compression(Compression::ZSTD(level))
+                    .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
                     .build();
                 Inner::Parquet(
                     ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| enc(&e))?,

@@ -135,7 +135,7 @@ pub fn join_results(
                 let mut events = Vec::with_capacity(stored.len());
                 for (key, json) in keys.iter().zip(stored) {
                     events.push(match json {
-                        Some(j) => Some(serde_json::from_str::<TaskRunEvent>(&j).map_err(|e| {
+                        Some(j) => Some(crate::client::decode_run_state(&j).map_err(|e| {
                             JoinError::Stored { key: key.clone(), message: e.to_string() }
                         })?),
                         None => None,
