@@ -27,6 +27,10 @@ use super::yaml::Pos;
 pub fn session() -> SessionContext {
     let mut config = SessionConfig::new();
     config.options_mut().sql_parser.collect_spans = true;
+    // A file split into byte ranges is read range by range, and DataFusion reads an Arrow
+    // IPC range (a materialized step) into memory whole: whole files stream in bounded
+    // memory.
+    config.options_mut().optimizer.repartition_file_scans = false;
     SessionContext::new_with_config(config)
 }
 
