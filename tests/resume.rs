@@ -163,6 +163,13 @@ fn run(dir: &Path, server: &Serve, args: &[&str]) -> Output {
         .expect("run groupflow")
 }
 
+/// Runs the pipeline to the end, expecting exit 0; returns its summary (stdout).
+fn run_ok(dir: &Path, server: &Serve, args: &[&str]) -> String {
+    let out = run(dir, server, args);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    stdout(&out)
+}
+
 fn show(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
@@ -500,12 +507,10 @@ fn ctrl_c_stops_submitting_writes_nothing_and_the_next_run_resumes() {
     let at_exit = settled_runs(&server);
     assert!(at_exit <= 6 * 500, "{at_exit} runs after Ctrl-C");
 
-    let out = run(dir.path(), &server, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let summary = run_ok(dir.path(), &server, &[]);
     assert!(
-        stdout(&out).contains(&format!("runs submitted {},", distinct as u64 - at_exit)),
-        "{}",
-        stdout(&out)
+        summary.contains(&format!("runs submitted {},", distinct as u64 - at_exit)),
+        "{summary}"
     );
     assert_eq!(server.runs(), (distinct as u64, distinct as u64));
     let enriched = enriched(dir.path());
@@ -521,41 +526,38 @@ fn ctrl_c_stops_submitting_writes_nothing_and_the_next_run_resumes() {
 fn identical_rows_share_a_run_and_reruns_reuse_stored_results() {
     let dir = project("core", 0.1);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
-    let first = run(dir.path(), &server, &[]);
-    assert_eq!(first.status.code(), Some(0), "{}", show(&first));
+    let first = run_ok(dir.path(), &server, &[]);
     let dup = ROWS - DISTINCT;
     assert!(
-        stdout(&first).contains(&format!(
+        first.contains(&format!(
             "rows in {ROWS}, runs submitted {DISTINCT}, runs saved {dup} (0 cached, {dup} shared by identical rows, 0 resumed)"
         )),
         "{}",
-        stdout(&first)
+        first
     );
     assert_eq!(server.runs(), (DISTINCT as u64, DISTINCT as u64));
     assert_complete_output(dir.path());
     let before = enriched(dir.path());
 
     // Unchanged: every result comes from the ledger; nothing is submitted.
-    let again = run(dir.path(), &server, &[]);
-    assert_eq!(again.status.code(), Some(0), "{}", show(&again));
+    let again = run_ok(dir.path(), &server, &[]);
     assert!(
-        stdout(&again).contains(&format!(
+        again.contains(&format!(
             "rows in {ROWS}, runs submitted 0, runs saved {ROWS} ({ROWS} cached, 0 shared"
         )),
         "{}",
-        stdout(&again)
+        again
     );
     assert_eq!(server.runs().0, DISTINCT as u64);
     // The same rows, down to the run ids.
     assert!(enriched(dir.path()) == before, "the output changed");
 
     // --no-cache: every distinct input again, still shared between identical rows.
-    let fresh = run(dir.path(), &server, &["--no-cache"]);
-    assert_eq!(fresh.status.code(), Some(0), "{}", show(&fresh));
+    let fresh = run_ok(dir.path(), &server, &["--no-cache"]);
     assert!(
-        stdout(&fresh).contains(&format!("runs submitted {DISTINCT},")),
+        fresh.contains(&format!("runs submitted {DISTINCT},")),
         "{}",
-        stdout(&fresh)
+        fresh
     );
     assert_eq!(server.runs().0, 2 * DISTINCT as u64);
 
@@ -563,12 +565,11 @@ fn identical_rows_share_a_run_and_reruns_reuse_stored_results() {
     let yaml = dir.path().join("research.yaml");
     let text = std::fs::read_to_string(&yaml).unwrap();
     std::fs::write(&yaml, text.replace("processor: core", "processor: base")).unwrap();
-    let other = run(dir.path(), &server, &[]);
-    assert_eq!(other.status.code(), Some(0), "{}", show(&other));
+    let other = run_ok(dir.path(), &server, &[]);
     assert!(
-        stdout(&other).contains(&format!("runs submitted {DISTINCT},")),
+        other.contains(&format!("runs submitted {DISTINCT},")),
         "{}",
-        stdout(&other)
+        other
     );
     assert_eq!(server.runs().0, 3 * DISTINCT as u64);
 }
@@ -579,8 +580,7 @@ fn retry_failed_submits_only_the_failed_inputs_and_merges_their_results() {
     let db = dir.path().join("server.sqlite");
     // A third of the runs fail (chosen by input, so every try of one input fails alike).
     let failing = Serve::start(&db, &["--sim-failure-rate", "0.3"]);
-    let first = run(dir.path(), &failing, &[]);
-    assert_eq!(first.status.code(), Some(0), "{}", show(&first));
+    run_ok(dir.path(), &failing, &[]);
     let out = enriched(dir.path());
     let status = strings(&out, "run_status");
     let names = strings(&out, "name");
@@ -612,22 +612,16 @@ fn retry_failed_submits_only_the_failed_inputs_and_merges_their_results() {
     // The same server database, now without failures.
     let server = Serve::start(&db, &[]);
     // A plain rerun reuses the failed results too: nothing is submitted.
-    let plain = run(dir.path(), &server, &[]);
-    assert_eq!(plain.status.code(), Some(0), "{}", show(&plain));
-    assert!(
-        stdout(&plain).contains("runs submitted 0,"),
-        "{}",
-        stdout(&plain)
-    );
+    let plain = run_ok(dir.path(), &server, &[]);
+    assert!(plain.contains("runs submitted 0,"), "{}", plain);
     assert_eq!(server.runs().0, DISTINCT as u64);
 
-    let retry = run(dir.path(), &server, &["--retry-failed"]);
-    assert_eq!(retry.status.code(), Some(0), "{}", show(&retry));
+    let retry = run_ok(dir.path(), &server, &["--retry-failed"]);
     assert!(
-        stdout(&retry).contains(&format!("runs submitted {},", failed_inputs.len())),
+        retry.contains(&format!("runs submitted {},", failed_inputs.len())),
         "{} failed inputs: {}",
         failed_inputs.len(),
-        stdout(&retry)
+        retry
     );
     // Exactly the failed inputs ran a second time.
     let repeated = server.repeated_inputs();
@@ -678,8 +672,7 @@ fn faults_in_the_api_cost_no_extra_runs_and_lose_no_rows() {
             "0",
         ],
     );
-    let out = run(dir.path(), &server, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    run_ok(dir.path(), &server, &[]);
     assert_eq!(
         server.runs(),
         (rows as u64, rows as u64),
