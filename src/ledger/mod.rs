@@ -323,24 +323,13 @@ impl Ledger {
         self.resumed
     }
 
-    /// The attempt's number (1, 2, … per ledger).
-    pub fn attempt(&self) -> i64 {
-        self.attempt
-    }
-
-    /// How earlier results are used.
-    pub fn options(&self) -> LedgerOptions {
-        self.options
-    }
-
     /// The ledger's view of task `name` with `fingerprint` (see [`task_fingerprint`]).
     pub async fn task(
         self: &Arc<Self>,
         name: &str,
         fingerprint: &str,
     ) -> Result<TaskLedger, LedgerError> {
-        let (name, fp) = (name.to_string(), fingerprint.to_string());
-        let n = name.clone();
+        let (n, fp) = (name.to_string(), fingerprint.to_string());
         let task_id = self
             .blocking(move |c| {
                 c.execute(
@@ -358,7 +347,6 @@ impl Ledger {
         Ok(TaskLedger {
             ledger: self.clone(),
             task_id,
-            name,
         })
     }
 
@@ -430,20 +418,9 @@ impl Ledger {
 pub struct TaskLedger {
     ledger: Arc<Ledger>,
     task_id: i64,
-    name: String,
 }
 
 impl TaskLedger {
-    /// The task's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The ledger this belongs to.
-    pub fn ledger(&self) -> &Arc<Ledger> {
-        &self.ledger
-    }
-
     /// The group of this attempt's runs of the task, if one was created.
     pub async fn group(&self) -> Result<Option<String>, LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);

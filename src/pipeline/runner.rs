@@ -190,7 +190,8 @@ struct Api {
 
 impl Api {
     /// The configured API, or — with neither `PARALLEL_API_KEY` nor `PARALLEL_BASE_URL`
-    /// set — a local server started in-process, reached over HTTP like the real one.
+    /// set — a local server started in-process, reached over HTTP like the real one, its
+    /// database in the (existing) state directory.
     async fn connect(state: &StateDir) -> Result<Api, RunError> {
         let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
         if set(API_KEY_ENV) || set(BASE_URL_ENV) {
@@ -203,9 +204,6 @@ impl Api {
                 server: None,
             });
         }
-        std::fs::create_dir_all(state.root()).map_err(|e| {
-            RunError::Storage(format!("state directory {}: {e}", state.root().display()))
-        })?;
         let db = state.server_db();
         let config = ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -261,6 +259,17 @@ pub async fn run(
             .reads
             .iter()
             .any(|r| r.contains(crate::sql::TASK_GROUP_RUNS));
+    // The ledger is opened (and its lock taken) before any server starts or request is
+    // made: a second run of the pipeline is refused before it does anything.
+    let ledger = if needs_api {
+        std::fs::create_dir_all(state.root()).map_err(|e| state_error(&state, e))?;
+        Some(
+            Ledger::open(&state.ledger_db(), &pipeline.spec.name, options.ledger)
+                .map_err(|e| RunError::Storage(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let api = if needs_api {
         Api::connect(&state).await?
     } else {
@@ -269,17 +278,6 @@ pub async fn run(
             target: ApiTarget::None,
             server: None,
         }
-    };
-    let ledger = if needs_api {
-        match open_ledger(pipeline, &state, options.ledger) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                api.shutdown().await;
-                return Err(e);
-            }
-        }
-    } else {
-        None
     };
     if let Some(l) = ledger.as_ref().filter(|l| l.resumed()) {
         eprintln!(
@@ -308,17 +306,9 @@ pub async fn run(
     result
 }
 
-/// The state directory's ledger, for this pipeline's current attempt.
-fn open_ledger(
-    pipeline: &Pipeline,
-    state: &StateDir,
-    options: LedgerOptions,
-) -> Result<std::sync::Arc<Ledger>, RunError> {
-    std::fs::create_dir_all(state.root()).map_err(|e| {
-        RunError::Storage(format!("state directory {}: {e}", state.root().display()))
-    })?;
-    Ledger::open(&state.ledger_db(), &pipeline.spec.name, options)
-        .map_err(|e| RunError::Storage(e.to_string()))
+/// A state directory that could not be created or written.
+fn state_error(state: &StateDir, e: std::io::Error) -> RunError {
+    RunError::Storage(format!("state directory {}: {e}", state.root().display()))
 }
 
 async fn run_with(
@@ -329,9 +319,7 @@ async fn run_with(
     progress: &Progress,
     started: Instant,
 ) -> Result<Summary, RunError> {
-    let work = state.start_run().map_err(|e| {
-        RunError::Storage(format!("state directory {}: {e}", state.root().display()))
-    })?;
+    let work = state.start_run().map_err(|e| state_error(state, e))?;
     let ctx = validate::session();
     let options = EnrichOptions {
         spill_dir: Some(work.spill_dir()),

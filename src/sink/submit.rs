@@ -20,7 +20,7 @@ use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
 use crate::api::{Metadata, TaskRunInput, TaskSpec};
 use crate::client::{Client, ClientError, RunsQuery, row_key_of};
-use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, Reconciled, TaskLedger};
+use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger};
 
 /// Rows encoded and claimed at a time.
 const SLICE_ROWS: usize = 1000;
@@ -103,8 +103,6 @@ pub struct Submission {
     /// interruption).
     pub group_id: Option<String>,
     pub claims: ClaimCounts,
-    /// When the attempt was resumed: what the group turned out to hold.
-    pub reconciled: Option<Reconciled>,
     /// Runs added by this submission.
     pub runs_added: u64,
 }
@@ -126,7 +124,6 @@ pub async fn submit(
         spill_dir,
     } = target;
     let mut group_id = ledger.group().await?;
-    let mut reconciled = None;
     if ledger.should_reconcile() {
         let found = match &group_id {
             Some(g) => match group_keys(client, g).await {
@@ -146,7 +143,13 @@ pub async fn submit(
             },
             None => Vec::new(),
         };
-        reconciled = Some(ledger.reconcile(group_id.as_deref(), found).await?);
+        let r = ledger.reconcile(group_id.as_deref(), found).await?;
+        tracing::info!(
+            group = group_id.as_deref().unwrap_or("-"),
+            found = r.found,
+            dropped = r.dropped,
+            "resumed: claims the group holds are kept, the others are sent again"
+        );
     }
 
     let writer = SpillWriter::create(spill_dir, schema)?;
@@ -244,7 +247,6 @@ pub async fn submit(
         spill,
         group_id,
         claims,
-        reconciled,
         runs_added,
     })
 }
