@@ -267,6 +267,19 @@ fn strings(batch: &RecordBatch, column: &str) -> Vec<Option<String>> {
         .collect()
 }
 
+/// Every row's run completed.
+fn assert_all_completed(batch: &RecordBatch) {
+    let status = strings(batch, "run_status");
+    assert!(
+        status.iter().all(|s| s.as_deref() == Some("completed")),
+        "{} row(s) not completed",
+        status
+            .iter()
+            .filter(|s| s.as_deref() != Some("completed"))
+            .count()
+    );
+}
+
 /// The output without `run_id` (which names runs of one particular server).
 fn without_run_ids(batch: &RecordBatch) -> RecordBatch {
     let keep: Vec<usize> = (0..batch.num_columns())
@@ -299,11 +312,7 @@ fn assert_complete_output(dir: &Path) {
         .values()
         .to_vec();
     assert_eq!(ids, (0..ROWS as i64).collect::<Vec<_>>());
-    assert!(
-        strings(&out, "run_status")
-            .iter()
-            .all(|s| s.as_deref() == Some("completed"))
-    );
+    assert_all_completed(&out);
     let run_ids = strings(&out, "run_id");
     for i in DISTINCT..ROWS {
         assert_eq!(
@@ -515,11 +524,7 @@ fn ctrl_c_stops_submitting_writes_nothing_and_the_next_run_resumes() {
     assert_eq!(server.runs(), (distinct as u64, distinct as u64));
     let enriched = enriched(dir.path());
     assert_eq!(enriched.num_rows(), rows);
-    assert!(
-        strings(&enriched, "run_status")
-            .iter()
-            .all(|s| s.as_deref() == Some("completed"))
-    );
+    assert_all_completed(&enriched);
 }
 
 #[test]
@@ -643,11 +648,7 @@ fn retry_failed_submits_only_the_failed_inputs_and_merges_their_results() {
             assert_eq!(run_id, before, "row {}", ids.value(i));
         }
     }
-    assert!(
-        strings(&merged, "run_status")
-            .iter()
-            .all(|s| s.as_deref() == Some("completed"))
-    );
+    assert_all_completed(&merged);
     assert_eq!(&without_run_ids(&merged), reference());
 }
 
@@ -681,11 +682,7 @@ fn faults_in_the_api_cost_no_extra_runs_and_lose_no_rows() {
     );
     let enriched = enriched(dir.path());
     assert_eq!(enriched.num_rows(), rows);
-    assert!(
-        strings(&enriched, "run_status")
-            .iter()
-            .all(|s| s.as_deref() == Some("completed"))
-    );
+    assert_all_completed(&enriched);
     let run_ids: BTreeSet<Option<String>> = strings(&enriched, "run_id").into_iter().collect();
     assert_eq!(run_ids.len(), rows, "10,000 distinct results");
 }
