@@ -1177,3 +1177,56 @@ async fn kill_9_mid_group_loses_nothing_and_cursors_still_resume() {
     assert_eq!(finished.len(), 300, "every run finished");
     assert!(finished.values().all(|n| *n == 1), "no run finished twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_stored_in_the_runs_table_by_older_versions_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite");
+    let port = common::free_port();
+    let mut served = Served::start(&db, port);
+    let g = served.api.create_group().await;
+    let added = served
+        .api
+        .add_runs(
+            &g,
+            json!({"default_task_spec": company_spec(), "inputs": companies(20)}),
+        )
+        .await;
+    served.api.wait_inactive(&g).await;
+    let runs_path = format!("/v1/tasks/groups/{g}/runs?include_output=true");
+    let result_path = format!("/v1/tasks/runs/{}/result", added.run_ids[3]);
+    let runs = served.api.sse(&runs_path).await;
+    let (_, result) = served.api.get(&result_path).await;
+    assert_eq!(runs.events.len(), 20);
+    assert!(
+        runs.events
+            .iter()
+            .all(|(_, v)| v["output"]["content"].is_object())
+    );
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+
+    // Outputs live in their own table; move them back where older versions kept them.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let in_runs: i64 = conn
+        .query_row("SELECT count(output) FROM runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        in_runs, 0,
+        "new outputs are not written into the runs table"
+    );
+    conn.execute_batch(
+        "UPDATE runs SET output = (SELECT output FROM run_outputs o WHERE o.seq = runs.seq);
+         DELETE FROM run_outputs;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let served = Served::start(&db, port);
+    let again = served.api.sse(&runs_path).await;
+    assert_eq!(
+        again.events.iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        runs.events.iter().map(|(_, v)| v).collect::<Vec<_>>()
+    );
+    assert_eq!(served.api.get(&result_path).await.1, result);
+}

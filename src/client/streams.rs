@@ -45,6 +45,56 @@ impl RunsQuery {
     }
 }
 
+/// A `/runs` item kept as the JSON it came in, with what it takes to file it: the event's
+/// cursor, the run's id and status and its row key. Whoever stores results as JSON keeps
+/// `data` as it is, and decodes the output (with [`decode_run_state`]) only when reading it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawRun {
+    pub event_id: Option<String>,
+    pub run_id: String,
+    pub status: RunStatus,
+    /// The `gf_row` key of the run's metadata.
+    pub row_key: Option<String>,
+    /// The `task_run.state` event's data.
+    pub data: String,
+}
+
+/// What [`RawRun`] reads of an event; the rest (the output) is only scanned.
+#[derive(Deserialize)]
+struct RawRunHead {
+    #[serde(default)]
+    event_id: Option<String>,
+    run: RawRunHeadRun,
+}
+
+#[derive(Deserialize)]
+struct RawRunHeadRun {
+    run_id: String,
+    status: RunStatus,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, Value>>,
+}
+
+impl RawRun {
+    /// Files a `task_run.state` event's data.
+    pub fn from_data(data: String) -> Result<RawRun, serde_json::Error> {
+        let head: RawRunHead = serde_json::from_str(&data)?;
+        let row_key = head
+            .run
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get(super::ROW_KEY))
+            .and_then(super::row_key_value);
+        Ok(RawRun {
+            event_id: head.event_id,
+            run_id: head.run.run_id,
+            status: head.run.status,
+            row_key,
+            data,
+        })
+    }
+}
+
 /// The JSON of an `error` event.
 #[derive(Deserialize)]
 struct ErrorEventBody {
@@ -61,25 +111,42 @@ enum Frame<T> {
 /// A `task_run.state` event as sent, with the output read without buffering: serde's
 /// derived reader of the internally tagged [`TaskRunOutput`] first copies the whole output
 /// into an intermediate tree to find its `type`, which cost more than the rest of the event.
+/// `B` is how the basis is read: [`Vec<FieldBasis>`], or [`SkippedBasis`].
 #[derive(Deserialize)]
-struct RunEventWire {
+struct RunEventWire<B> {
     #[serde(default)]
     event_id: Option<String>,
     run: TaskRun,
     #[serde(default)]
     input: Option<TaskRunInput>,
     #[serde(default)]
-    output: Option<OutputWire>,
+    output: Option<OutputWire<B>>,
+}
+
+/// A basis scanned past, not read: decoding it is most of the work of a run's event.
+#[derive(Default)]
+struct SkippedBasis;
+
+impl<'de> Deserialize<'de> for SkippedBasis {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| SkippedBasis)
+    }
+}
+
+impl From<SkippedBasis> for Vec<FieldBasis> {
+    fn from(_: SkippedBasis) -> Self {
+        Vec::new()
+    }
 }
 
 /// Both output shapes in one struct; `type` says which one it is.
 #[derive(Deserialize)]
-struct OutputWire {
+struct OutputWire<B> {
     #[serde(rename = "type")]
     kind: String,
     content: Option<Value>,
     #[serde(default)]
-    basis: Vec<FieldBasis>,
+    basis: B,
     #[serde(default)]
     output_schema: Option<Value>,
     #[serde(default)]
@@ -88,20 +155,20 @@ struct OutputWire {
     beta_fields: Option<Value>,
 }
 
-impl OutputWire {
+impl<B: Into<Vec<FieldBasis>>> OutputWire<B> {
     /// The output, or `None` when it is not a well-formed JSON or text output.
     fn into_output(self) -> Option<TaskRunOutput> {
         Some(match (self.kind.as_str(), self.content?) {
             ("json", content) => TaskRunOutput::Json {
                 content,
-                basis: self.basis,
+                basis: self.basis.into(),
                 output_schema: self.output_schema,
                 mcp_tool_calls: self.mcp_tool_calls,
                 beta_fields: self.beta_fields,
             },
             ("text", Value::String(content)) => TaskRunOutput::Text {
                 content,
-                basis: self.basis,
+                basis: self.basis.into(),
                 mcp_tool_calls: self.mcp_tool_calls,
                 beta_fields: self.beta_fields,
             },
@@ -114,7 +181,19 @@ impl OutputWire {
 /// Anything the fast reader does not take as a well-formed event is read again by
 /// [`TaskRunEvent`]'s own reader, for its exact error.
 pub fn decode_run_state(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
-    if let Ok(w) = serde_json::from_str::<RunEventWire>(data) {
+    decode_run_state_as::<Vec<FieldBasis>>(data)
+}
+
+/// [`decode_run_state`] with the output's basis left empty: for readers that do not use it.
+pub fn decode_run_state_without_basis(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
+    decode_run_state_as::<SkippedBasis>(data)
+}
+
+fn decode_run_state_as<B>(data: &str) -> Result<TaskRunEvent, serde_json::Error>
+where
+    B: for<'de> Deserialize<'de> + Default + Into<Vec<FieldBasis>>,
+{
+    if let Ok(w) = serde_json::from_str::<RunEventWire<B>>(data) {
         let output = match w.output {
             None => Some(None),
             Some(o) => o.into_output().map(Some),
@@ -142,6 +221,18 @@ fn decode_run(ev: &Event) -> Result<Frame<TaskRunEvent>, serde_json::Error> {
             StreamEvent::RunState(run) => Frame::Item(*run),
             StreamEvent::Error { error } => Frame::Failure(error),
             _ => Frame::Skip,
+        },
+    })
+}
+
+/// [`decode_run`], keeping a run's data as it came.
+fn decode_raw_run(ev: Event) -> Result<Frame<RawRun>, serde_json::Error> {
+    Ok(match ev.event.as_str() {
+        "task_run.state" => Frame::Item(RawRun::from_data(ev.data)?),
+        _ => match decode_run(&ev)? {
+            Frame::Item(run) => Frame::Item(RawRun::from_data(serde_json::to_string(&run)?)?),
+            Frame::Failure(e) => Frame::Failure(e),
+            Frame::Skip => Frame::Skip,
         },
     })
 }
@@ -218,6 +309,30 @@ impl Client {
         group_id: &str,
         query: RunsQuery,
     ) -> BoxStream<'static, Result<TaskRunEvent, ClientError>> {
+        self.runs_frames(
+            group_id,
+            query,
+            |ev| decode_run(&ev),
+            |run| run.event_id.as_ref(),
+        )
+    }
+
+    /// [`Self::runs_stream`] with each run kept as the JSON it came in ([`RawRun`]).
+    pub fn runs_stream_raw(
+        &self,
+        group_id: &str,
+        query: RunsQuery,
+    ) -> BoxStream<'static, Result<RawRun, ClientError>> {
+        self.runs_frames(group_id, query, decode_raw_run, |run| run.event_id.as_ref())
+    }
+
+    fn runs_frames<T: Send + 'static>(
+        &self,
+        group_id: &str,
+        query: RunsQuery,
+        decode: fn(Event) -> Result<Frame<T>, serde_json::Error>,
+        event_id: fn(&T) -> Option<&String>,
+    ) -> BoxStream<'static, Result<T, ClientError>> {
         let client = self.clone();
         let path = paths::group_runs(paths::V1, &segment(group_id));
         async_stream::stream! {
@@ -261,13 +376,13 @@ impl Client {
                         },
                         Err(e) => break e,
                     };
-                    match decode_run(&ev) {
+                    match decode(ev) {
                         Ok(Frame::Item(run)) => {
-                            if run.event_id.is_some() && run.event_id == cursor {
-                                continue;
-                            }
-                            if run.event_id.is_some() {
-                                cursor.clone_from(&run.event_id);
+                            if let Some(id) = event_id(&run) {
+                                if cursor.as_ref() == Some(id) {
+                                    continue;
+                                }
+                                cursor = Some(id.clone());
                             }
                             seen += 1;
                             progressed = true;
@@ -517,6 +632,48 @@ mod tests {
             data: data.into(),
             ..Event::default()
         }
+    }
+
+    #[test]
+    fn raw_runs_keep_their_data_and_file_it_by_key() {
+        let data = r#"{"type":"task_run.state","event_id":"7","run":{"run_id":"trun_7","status":"completed","is_active":false,"metadata":{"gf_row":"k7","other":1}},"output":{"type":"json","content":{"n":1},"basis":[{"field":"n","reasoning":"r","citations":[],"confidence":"high"}]}}"#;
+        let Ok(Frame::Item(raw)) = decode_raw_run(event("task_run.state", data)) else {
+            panic!("not a run")
+        };
+        assert_eq!(
+            raw,
+            RawRun {
+                event_id: Some("7".into()),
+                run_id: "trun_7".into(),
+                status: RunStatus::Completed,
+                row_key: Some("k7".into()),
+                data: data.into(),
+            }
+        );
+        // Frames named only by their JSON `type` are filed too; errors stay errors.
+        let Ok(Frame::Item(by_type)) = decode_raw_run(event("message", data)) else {
+            panic!("not a run")
+        };
+        assert_eq!((by_type.run_id, by_type.row_key), (raw.run_id, raw.row_key));
+        let err = r#"{"type":"error","error":{"ref_id":"r","message":"boom"}}"#;
+        assert!(matches!(
+            decode_raw_run(event("error", err)),
+            Ok(Frame::Failure(_))
+        ));
+        assert!(decode_raw_run(event("task_run.state", r#"{"run":{}}"#)).is_err());
+
+        // Without the basis, the event reads the same but for an empty basis.
+        let full = decode_run_state(data).unwrap();
+        let lean = decode_run_state_without_basis(data).unwrap();
+        assert_eq!(full.output.as_ref().unwrap().basis().len(), 1);
+        assert!(lean.output.as_ref().unwrap().basis().is_empty());
+        let strip = |mut ev: TaskRunEvent| {
+            if let Some(TaskRunOutput::Json { basis, .. }) = &mut ev.output {
+                basis.clear();
+            }
+            ev
+        };
+        assert_eq!(strip(full), lean);
     }
 
     #[test]

@@ -152,6 +152,8 @@ CREATE TABLE IF NOT EXISTS runs (
   result_id INTEGER,
   PRIMARY KEY (task_id, input_key)
 );
+-- `json` holds a run's event as zstd-compressed JSON (a BLOB); ledgers written before
+-- compression hold plain JSON text, which is read as it is.
 CREATE TABLE IF NOT EXISTS results (
   result_id INTEGER PRIMARY KEY,
   json TEXT NOT NULL
@@ -663,6 +665,12 @@ impl TaskLedger {
         let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
         self.ledger
             .blocking(move |c| {
+                let mut zstd =
+                    zstd::bulk::Compressor::new(RESULT_ZSTD_LEVEL).map_err(to_sql_error)?;
+                let packed = results
+                    .iter()
+                    .map(|r| zstd.compress(r.json.as_bytes()).map_err(to_sql_error))
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
                 let tx = c.transaction()?;
                 {
                     // Results are appended to their own table (sequential rowids); the run's
@@ -678,7 +686,7 @@ impl TaskLedger {
                     )?;
                     let mut drop_result =
                         tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
-                    for r in &results {
+                    for (r, packed) in results.iter().zip(&packed) {
                         let st = if r.completed {
                             status::COMPLETED
                         } else {
@@ -688,7 +696,7 @@ impl TaskLedger {
                             .query_row(params![task, r.input_key], |row| row.get(0))
                             .optional()?
                             .flatten();
-                        add.execute(params![r.json])?;
+                        add.execute(params![packed])?;
                         let id = tx.last_insert_rowid();
                         let linked = link.execute(params![
                             task,
@@ -722,15 +730,60 @@ impl TaskLedger {
                     "SELECT json FROM results WHERE result_id =
                        (SELECT result_id FROM runs WHERE task_id = ?1 AND input_key = ?2)",
                 )?;
+                let mut zstd = zstd::bulk::Decompressor::new().map_err(to_sql_error)?;
                 keys.iter()
                     .map(|k| {
-                        s.query_row(params![task, k], |r| r.get::<_, Option<String>>(0))
-                            .optional()
-                            .map(Option::flatten)
+                        s.query_row(params![task, k], |r| {
+                            unpack_result(&mut zstd, r.get_ref(0)?)
+                        })
+                        .optional()
+                        .map(Option::flatten)
                     })
                     .collect()
             })
             .await
+    }
+}
+
+/// zstd level 1: a run's event (≈ 2 KB of JSON, most of it the research basis) shrinks
+/// about 4×, and every byte the ledger stores is written twice (WAL, then the database).
+const RESULT_ZSTD_LEVEL: i32 = 1;
+
+fn to_sql_error(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+/// A stored result as JSON: compressed (a BLOB) or, from older ledgers, plain text.
+fn unpack_result(
+    zstd: &mut zstd::bulk::Decompressor<'_>,
+    v: rusqlite::types::ValueRef<'_>,
+) -> rusqlite::Result<Option<String>> {
+    use rusqlite::types::{FromSqlError, ValueRef};
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e)
+    };
+    match v {
+        ValueRef::Null => Ok(None),
+        ValueRef::Text(t) => String::from_utf8(t.to_vec())
+            .map(Some)
+            .map_err(|e| bad(Box::new(e))),
+        ValueRef::Blob(b) => {
+            let size = zstd::zstd_safe::get_frame_content_size(b)
+                .ok()
+                .flatten()
+                .ok_or_else(|| bad("a stored result is not a zstd frame".into()))?;
+            let raw = zstd
+                .decompress(b, size as usize)
+                .map_err(|e| bad(Box::new(e)))?;
+            String::from_utf8(raw)
+                .map(Some)
+                .map_err(|e| bad(Box::new(e)))
+        }
+        other => Err(rusqlite::Error::FromSqlConversionFailure(
+            0,
+            other.data_type(),
+            Box::new(FromSqlError::InvalidType),
+        )),
     }
 }
 
@@ -767,6 +820,57 @@ mod tests {
 
     fn keys(ks: &[&str]) -> Vec<String> {
         ks.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn results_are_stored_compressed_and_plain_text_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let json = format!(
+            "{{\"basis\":\"{}\"}}",
+            "the same reasoning again ".repeat(40)
+        );
+        {
+            let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+            let t = l.task("t", "fp").await.unwrap();
+            t.claim(keys(&["a", "b"])).await.unwrap();
+            let a = StoredResult {
+                json: json.clone(),
+                ..done("a", true)
+            };
+            t.store_results("tgrp_1", vec![a, done("b", true)])
+                .await
+                .unwrap();
+            l.finish().await.unwrap();
+        }
+        let c = Connection::open(&path).unwrap();
+        let (kind, len): (String, i64) = c
+            .query_row(
+                "SELECT typeof(r.json), length(r.json) FROM results r
+                 JOIN runs USING (result_id) WHERE input_key = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(kind, "blob");
+        assert!(
+            len as usize * 4 < json.len(),
+            "{len} bytes stored for {}",
+            json.len()
+        );
+        // Ledgers written before compression hold plain JSON text.
+        c.execute(
+            "UPDATE results SET json = '{\"k\":\"old\"}'
+             WHERE result_id = (SELECT result_id FROM runs WHERE input_key = 'b')",
+            [],
+        )
+        .unwrap();
+        drop(c);
+        let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        let r = t.results(keys(&["a", "b"])).await.unwrap();
+        assert_eq!(r[0].as_deref(), Some(json.as_str()));
+        assert_eq!(r[1].as_deref(), Some("{\"k\":\"old\"}"));
     }
 
     fn done(key: &str, completed: bool) -> StoredResult {

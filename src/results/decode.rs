@@ -73,6 +73,8 @@ pub struct ResultDecoder {
     output: OutputSchema,
     output_columns: Fields,
     basis_schema: SchemaRef,
+    /// False: the `basis` column is all nulls (nobody reads it), and is not decoded.
+    with_basis: bool,
 }
 
 impl std::fmt::Debug for ResultDecoder {
@@ -97,7 +99,20 @@ impl ResultDecoder {
             output,
             output_columns,
             basis_schema,
+            with_basis: true,
         }
+    }
+
+    /// The same decoder with an all-null `basis` column, for readers that do not select it:
+    /// the basis is most of a result's bytes, and decoding it most of the work.
+    pub fn without_basis(mut self) -> Self {
+        self.with_basis = false;
+        self
+    }
+
+    /// Whether the `basis` column is decoded.
+    pub fn decodes_basis(&self) -> bool {
+        self.with_basis
     }
 
     /// The fields of the columns [`Self::decode`] returns.
@@ -226,6 +241,9 @@ impl ResultDecoder {
         runs: &[Option<&TaskRunEvent>],
         has_output: &[bool],
     ) -> Result<ArrayRef, ArrowError> {
+        if !self.with_basis {
+            return Ok(arrow::array::new_null_array(&basis_type(), runs.len()));
+        }
         let rows: Vec<BasisRow> = runs
             .iter()
             .zip(has_output)

@@ -17,7 +17,7 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 
 use super::decode::ResultDecoder;
 use crate::api::{RunStatus, TaskRunEvent};
-use crate::client::{ClientError, ROW_KEY, row_key_value};
+use crate::client::{ClientError, ROW_KEY, RawRun, row_key_value};
 use crate::ledger::{LedgerError, StoredResult, TaskLedger};
 use crate::sink::spill::{Spill, SpillError};
 
@@ -62,10 +62,11 @@ pub fn run_row_key(ev: &TaskRunEvent) -> Option<String> {
         .and_then(row_key_value)
 }
 
-/// Reads every ended run of `group_id` (with its output) into the ledger, a slice at a
-/// time. Runs still active are left for a later read. Returns the runs stored.
+/// Reads every ended run of `group_id` (with its output, as the JSON it came in) into the
+/// ledger, a slice at a time. Runs still active are left for a later read. Returns the runs
+/// stored.
 pub async fn store_results(
-    runs: BoxStream<'static, Result<TaskRunEvent, ClientError>>,
+    runs: BoxStream<'static, Result<RawRun, ClientError>>,
     group_id: &str,
     ledger: &TaskLedger,
 ) -> Result<u64, JoinError> {
@@ -73,28 +74,22 @@ pub async fn store_results(
     let mut slice = Vec::with_capacity(STORE_ROWS);
     let mut stored = 0u64;
     while let Some(ev) = runs.next().await {
-        let mut ev = ev.map_err(|source| JoinError::Client {
+        let run = ev.map_err(|source| JoinError::Client {
             group_id: group_id.to_string(),
             source,
         })?;
-        if !ev.run.status.is_terminal() {
+        if !run.status.is_terminal() {
             continue;
         }
-        let Some(input_key) = run_row_key(&ev) else {
+        let Some(input_key) = run.row_key else {
             continue;
         };
-        // The cursor and the input are not part of the result.
-        ev.event_id = None;
-        ev.input = None;
-        let json = serde_json::to_string(&ev).map_err(|e| JoinError::Stored {
-            key: input_key.clone(),
-            message: e.to_string(),
-        })?;
+        // Stored as it came: the output is decoded when the rows are joined.
         slice.push(StoredResult {
             input_key,
-            run_id: ev.run.run_id,
-            completed: ev.run.status == RunStatus::Completed,
-            json,
+            run_id: run.run_id,
+            completed: run.status == RunStatus::Completed,
+            json: run.data,
         });
         if slice.len() == STORE_ROWS {
             stored += slice.len() as u64;
@@ -119,6 +114,11 @@ pub fn join_results(
     mut decoder: ResultDecoder,
     schema: SchemaRef,
 ) -> impl Stream<Item = Result<RecordBatch, JoinError>> + Send + 'static {
+    let read_run = if decoder.decodes_basis() {
+        crate::client::decode_run_state
+    } else {
+        crate::client::decode_run_state_without_basis
+    };
     async_stream::try_stream! {
         let mut reader = spill.reader()?;
         while let Some(spilled) = reader.next_batch()? {
@@ -135,7 +135,7 @@ pub fn join_results(
                 let mut events = Vec::with_capacity(stored.len());
                 for (key, json) in keys.iter().zip(stored) {
                     events.push(match json {
-                        Some(j) => Some(crate::client::decode_run_state(&j).map_err(|e| {
+                        Some(j) => Some(read_run(&j).map_err(|e| {
                             JoinError::Stored { key: key.clone(), message: e.to_string() }
                         })?),
                         None => None,
@@ -212,6 +212,9 @@ mod tests {
             Ok(run(&key(1), "completed", 10)),
             Ok(run(&key(3), "running", 0)),
         ];
+        let runs = runs
+            .into_iter()
+            .map(|r| r.map(|ev| RawRun::from_data(serde_json::to_string(&ev).unwrap()).unwrap()));
         let stored = store_results(futures::stream::iter(runs).boxed(), "tgrp_x", &task)
             .await
             .unwrap();

@@ -4,6 +4,6 @@ pub mod decode;
 pub mod join;
 pub mod schema;
 
-pub use decode::{ResultDecoder, basis_type, run_fields};
+pub use decode::{BASIS, ResultDecoder, basis_type, run_fields};
 pub use join::{JoinError, join_results, run_row_key, store_results};
 pub use schema::{OutputSchema, SchemaError};

@@ -406,7 +406,13 @@ impl ExecutionPlan for EnrichExec {
         let schema = self.schema.clone();
         let results = async move {
             let submitted = shared.submitted(source, context, limit).await?;
-            let stream = shared.results(&submitted);
+            // The basis is decoded only when the query reads that column.
+            let basis = shared.schema.index_of(crate::results::BASIS).ok();
+            let with_basis = match (&projection, basis) {
+                (Some(p), Some(b)) => p.contains(&b),
+                _ => true,
+            };
+            let stream = shared.results(&submitted, with_basis);
             Ok::<_, DataFusionError>(stream.map(move |batch| match &projection {
                 Some(p) => batch.and_then(|b| Ok(b.project(p)?)),
                 None => batch,
@@ -541,7 +547,7 @@ impl Shared {
                         source,
                     })?;
                 self.report(Some(g), Phase::Reading, added, claims, None);
-                let runs = self.client.runs_stream(
+                let runs = self.client.runs_stream_raw(
                     g,
                     RunsQuery {
                         include_output: true,
@@ -566,7 +572,7 @@ impl Shared {
     }
 
     /// The joined result batches of a finished submission.
-    fn results(&self, s: &Submitted) -> BoxStream<'static, Result<RecordBatch>> {
+    fn results(&self, s: &Submitted, with_basis: bool) -> BoxStream<'static, Result<RecordBatch>> {
         self.report(
             s.group_id.as_deref(),
             Phase::Reading,
@@ -578,7 +584,11 @@ impl Shared {
         join_results(
             s.spill.clone(),
             s.ledger.clone(),
-            ResultDecoder::new(self.task.output.clone()),
+            if with_basis {
+                ResultDecoder::new(self.task.output.clone())
+            } else {
+                ResultDecoder::new(self.task.output.clone()).without_basis()
+            },
             self.schema.clone(),
         )
         .map_err(move |source| {
