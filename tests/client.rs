@@ -243,6 +243,13 @@ async fn streaming_submission_maps_row_keys_to_run_ids_in_order() {
     }
     assert_eq!(next, 1234);
     assert_eq!(client.stats().posts, 13);
+    // Each answer's event cursor precedes its runs: a wait from the last one sees the end.
+    let last = batches[12].event_cursor.clone();
+    assert!(last.is_some());
+    let done = within(client.wait_from(&group, last, |_| {}))
+        .await
+        .unwrap();
+    assert_eq!((done.num_task_runs, done.is_active), (1234, false));
     assert_eq!(batches[0].row_keys[0], "row-0");
     assert!(batches[0].row_keys[1].starts_with('h'), "derived key");
     // The run behind a row key carries that key.

@@ -33,6 +33,9 @@ pub struct AddedBatch {
     /// How many of these runs were found in the group after a POST whose answer was lost,
     /// rather than returned by a POST.
     pub recovered: usize,
+    /// The `event_cursor` the POST that added them answered with: a group `/events` cursor
+    /// from before these runs were added (none when the answer was lost).
+    pub event_cursor: Option<String>,
 }
 
 /// What every batch of one submission shares.
@@ -204,6 +207,7 @@ async fn submit_batch(
     let mut run_ids: Vec<Option<String>> = vec![None; inputs.len()];
     let mut pending: Vec<usize> = (0..inputs.len()).collect();
     let mut recovered = 0;
+    let mut event_cursor = None;
     let mut retry = RetryState::new(&client.config().retry);
     // Every attempt's runs, if stored, come after this cursor: it was known before the first.
     let start_cursor = s.cursor();
@@ -228,6 +232,7 @@ async fn submit_batch(
                     run_ids[i] = Some(id);
                 }
                 s.advance(resp.run_cursor);
+                event_cursor = resp.event_cursor;
                 break;
             }
             Err(err) => err,
@@ -263,6 +268,7 @@ async fn submit_batch(
         row_keys: keys,
         run_ids,
         recovered,
+        event_cursor,
     })
 }
 

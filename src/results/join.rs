@@ -62,22 +62,54 @@ pub fn run_row_key(ev: &TaskRunEvent) -> Option<String> {
         .and_then(row_key_value)
 }
 
-/// Reads every ended run of `group_id` (with its output, as the JSON it came in) into the
-/// ledger, a slice at a time. Runs still active are left for a later read. Returns the runs
-/// stored.
+/// How far a read of a group's runs got.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunsRead {
+    /// Runs stored in the ledger.
+    pub stored: u64,
+    /// With [`Until::Active`]: the runs before `cursor` (all of them ended), which a later
+    /// read from `cursor` will not see again.
+    pub passed: u64,
+    /// With [`Until::Active`]: the `event_id` of the last run passed.
+    pub cursor: Option<String>,
+    /// The read stopped at a run still active.
+    pub stopped_at_active: bool,
+}
+
+/// Where a read of a group's runs stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Until {
+    /// At the end of the stream; runs still active are skipped, left for a later read.
+    End,
+    /// At the first run still active (or without a cursor): what came before it is a
+    /// prefix of the group that a later read can resume after.
+    Active,
+}
+
+/// Reads the ended runs of `group_id` (with their outputs, as the JSON they came in) into
+/// the ledger, a slice at a time.
 pub async fn store_results(
     runs: BoxStream<'static, Result<RawRun, ClientError>>,
     group_id: &str,
     ledger: &TaskLedger,
-) -> Result<u64, JoinError> {
+    until: Until,
+) -> Result<RunsRead, JoinError> {
     let mut runs = runs;
     let mut slice = Vec::with_capacity(STORE_ROWS);
-    let mut stored = 0u64;
+    let mut read = RunsRead::default();
     while let Some(ev) = runs.next().await {
         let run = ev.map_err(|source| JoinError::Client {
             group_id: group_id.to_string(),
             source,
         })?;
+        if until == Until::Active {
+            if !run.status.is_terminal() || run.event_id.is_none() {
+                read.stopped_at_active = true;
+                break;
+            }
+            read.passed += 1;
+            read.cursor.clone_from(&run.event_id);
+        }
         if !run.status.is_terminal() {
             continue;
         }
@@ -92,7 +124,7 @@ pub async fn store_results(
             json: run.data,
         });
         if slice.len() == STORE_ROWS {
-            stored += slice.len() as u64;
+            read.stored += slice.len() as u64;
             ledger
                 .store_results(group_id, std::mem::take(&mut slice))
                 .await?;
@@ -100,10 +132,10 @@ pub async fn store_results(
         }
     }
     if !slice.is_empty() {
-        stored += slice.len() as u64;
+        read.stored += slice.len() as u64;
         ledger.store_results(group_id, slice).await?;
     }
-    Ok(stored)
+    Ok(read)
 }
 
 /// Emits one batch per slice of spilled rows: the source columns (without the key), then
@@ -175,6 +207,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_until_active_stores_the_ended_prefix_and_says_where_it_stopped() {
+        let ledger = Ledger::temporary().unwrap();
+        let task = ledger.task("t", "fp").await.unwrap();
+        let keys: Vec<String> = (0..4).map(|i| input_key(&[i])).collect();
+        task.claim(keys.clone()).await.unwrap();
+        let raw = |i: usize, status: &str| {
+            let mut ev = run(&keys[i], status, i as i64);
+            ev.event_id = Some(format!("e{i}"));
+            Ok(RawRun::from_data(serde_json::to_string(&ev).unwrap()).unwrap())
+        };
+        let runs = || {
+            futures::stream::iter(vec![
+                raw(0, "completed"),
+                raw(1, "failed"),
+                raw(2, "running"),
+                raw(3, "completed"),
+            ])
+            .boxed()
+        };
+        let read = store_results(runs(), "tgrp_x", &task, Until::Active)
+            .await
+            .unwrap();
+        assert_eq!(
+            read,
+            RunsRead {
+                stored: 2,
+                passed: 2,
+                cursor: Some("e1".into()),
+                stopped_at_active: true,
+            }
+        );
+        let stored = task.results(keys.clone()).await.unwrap();
+        assert_eq!(
+            stored.iter().map(Option::is_some).collect::<Vec<_>>(),
+            [true, true, false, false]
+        );
+        // Read to the end, the active run is skipped and the ones after it are stored.
+        let read = store_results(runs(), "tgrp_x", &task, Until::End)
+            .await
+            .unwrap();
+        assert_eq!((read.stored, read.passed, read.cursor), (3, 0, None));
+        assert!(task.results(keys).await.unwrap()[3].is_some());
+    }
+
+    #[tokio::test]
     async fn rows_meet_their_stored_results_and_duplicates_share_one() {
         let ledger = Ledger::temporary().unwrap();
         let task = ledger.task("t", "fp").await.unwrap();
@@ -215,10 +292,15 @@ mod tests {
         let runs = runs
             .into_iter()
             .map(|r| r.map(|ev| RawRun::from_data(serde_json::to_string(&ev).unwrap()).unwrap()));
-        let stored = store_results(futures::stream::iter(runs).boxed(), "tgrp_x", &task)
-            .await
-            .unwrap();
-        assert_eq!(stored, 4);
+        let read = store_results(
+            futures::stream::iter(runs).boxed(),
+            "tgrp_x",
+            &task,
+            Until::End,
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.stored, 4);
         let output = OutputSchema::from_task_output(
             &json!({"type": "object", "properties": {"n": {"type": "integer"}}}),
             "output",

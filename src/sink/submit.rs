@@ -105,6 +105,10 @@ pub struct Submission {
     pub claims: ClaimCounts,
     /// Runs added by this submission.
     pub runs_added: u64,
+    /// An `/events` cursor from before the last runs were added (none when no POST of this
+    /// submission answered): waiting for the group can start there rather than replaying
+    /// every event of the runs before.
+    pub event_cursor: Option<String>,
 }
 
 /// Submits every row of `input` that needs a run, spilling every row with its input key.
@@ -166,6 +170,7 @@ pub async fn submit(
     let counts = || *claims.lock().unwrap_or_else(|p| p.into_inner());
 
     let mut runs_added = 0u64;
+    let mut event_cursor = None;
     let mut failure = None;
     // The group is made when the first input to submit arrives; none when every row is
     // shared or cached.
@@ -197,6 +202,9 @@ pub async fn submit(
                 let recorded = match batch {
                     Ok(b) => {
                         runs_added += b.run_ids.len() as u64;
+                        if b.event_cursor.is_some() {
+                            event_cursor = b.event_cursor;
+                        }
                         ledger
                             .record_added(g, b.row_keys, b.run_ids)
                             .await
@@ -248,6 +256,7 @@ pub async fn submit(
         group_id,
         claims,
         runs_added,
+        event_cursor,
     })
 }
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
@@ -40,7 +41,7 @@ use super::{
 use crate::api::Metadata;
 use crate::client::{Client, RunsQuery};
 use crate::ledger::{ClaimCounts, Ledger, TaskLedger, task_fingerprint};
-use crate::results::{ResultDecoder, join_results, store_results};
+use crate::results::{ResultDecoder, RunsRead, Until, join_results, store_results};
 use crate::sink::spill::Spill;
 use crate::sink::{InputEncoder, SubmitTarget, submit};
 
@@ -536,26 +537,36 @@ impl Shared {
             // (a second execution, or a run resumed after its results were stored).
             if unfinished > 0 {
                 self.report(Some(g), Phase::Running, added, claims, None);
-                self.client
-                    .wait(g, |s| {
-                        self.report(Some(g), Phase::Running, added, claims, Some(s))
-                    })
-                    .await
-                    .map_err(|source| EnrichError::Wait {
-                        task: task.clone(),
-                        group_id: g.clone(),
-                        source,
-                    })?;
+                let waited = AtomicBool::new(false);
+                // Statuses before the last add are of no use: the wait starts after them.
+                let wait = async {
+                    let status = self
+                        .client
+                        .wait_from(g, submission.event_cursor.clone(), |s| {
+                            self.report(Some(g), Phase::Running, added, claims, Some(s))
+                        })
+                        .await;
+                    waited.store(true, Ordering::Release);
+                    status
+                };
+                let (status, early) =
+                    futures::join!(wait, self.read_ended_runs(g, &ledger, &waited));
+                status.map_err(|source| EnrichError::Wait {
+                    task: task.clone(),
+                    group_id: g.clone(),
+                    source,
+                })?;
                 self.report(Some(g), Phase::Reading, added, claims, None);
                 let runs = self.client.runs_stream_raw(
                     g,
                     RunsQuery {
                         include_output: true,
-                        expected: Some(runs),
+                        last_event_id: early.cursor,
+                        expected: Some(runs.saturating_sub(early.passed)),
                         ..RunsQuery::default()
                     },
                 );
-                store_results(runs, g, &ledger)
+                store_results(runs, g, &ledger, Until::End)
                     .await
                     .map_err(|source| EnrichError::Results {
                         task: task.clone(),
@@ -569,6 +580,47 @@ impl Shared {
             ledger,
             claims,
         })
+    }
+
+    /// While the group runs, stores the runs that have ended, in the group's order up to
+    /// the first one still active, so that reading results overlaps with running them.
+    /// Stops when the wait is over or at the first error: the read after the wait resumes
+    /// after the runs passed here, and meets any error again.
+    async fn read_ended_runs(&self, g: &str, ledger: &TaskLedger, waited: &AtomicBool) -> RunsRead {
+        /// A pass that got fewer runs than this waits before the next one.
+        const WORTH_A_PASS: u64 = 1000;
+        const PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+        let mut read = RunsRead::default();
+        while !waited.load(Ordering::Acquire) {
+            let runs = self.client.runs_stream_raw(
+                g,
+                RunsQuery {
+                    include_output: true,
+                    last_event_id: read.cursor.clone(),
+                    ..RunsQuery::default()
+                },
+            );
+            match store_results(runs, g, ledger, Until::Active).await {
+                Ok(pass) => {
+                    read.stored += pass.stored;
+                    read.passed += pass.passed;
+                    if pass.cursor.is_some() {
+                        read.cursor = pass.cursor;
+                    }
+                    if !pass.stopped_at_active {
+                        break;
+                    }
+                    if pass.passed < WORTH_A_PASS {
+                        tokio::time::sleep(PAUSE).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(group = g, error = %e, "reading ended runs early stopped");
+                    break;
+                }
+            }
+        }
+        read
     }
 
     /// The joined result batches of a finished submission.
