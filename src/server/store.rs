@@ -30,6 +30,9 @@ pub enum StoreError {
     Poisoned,
 }
 
+/// How much of the database file connections read through a memory map.
+const MMAP_BYTES: i64 = 1 << 32;
+
 /// How often an active group gets a `task_group_status` event while runs finish.
 const STATUS_EVENT_EVERY: Duration = Duration::from_secs(1);
 
@@ -228,11 +231,10 @@ fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", if durable { "NORMAL" } else { "OFF" })?;
-    // Every run's output is written once and read back by `/runs`: a 64 MiB page cache and
-    // reads through a memory map keep those reads off `pread`, and checkpointing every 16 MiB
-    // of WAL (not SQLite's 4 MiB) writes the pages a batch touches repeatedly back once.
+    // The writer's 64 MiB page cache holds the runs a batch updates; checkpointing every
+    // 16 MiB of WAL (not SQLite's 4 MiB) writes pages touched by several batches back once.
     conn.pragma_update(None, "cache_size", -65536)?;
-    conn.pragma_update(None, "mmap_size", 1i64 << 32)?;
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
     Ok(conn)
 }
@@ -283,6 +285,8 @@ impl Store {
             None => {
                 let c = Connection::open(&self.path)?;
                 c.busy_timeout(Duration::from_secs(30))?;
+                // Pages (outputs, mostly) are read through the map, not copied by `pread`.
+                c.pragma_update(None, "mmap_size", MMAP_BYTES)?;
                 c
             }
         };
