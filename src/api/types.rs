@@ -416,6 +416,13 @@ impl TaskGroupStatus {
             .copied()
             .unwrap_or(0)
     }
+
+    /// How many runs have ended: completed, failed or cancelled.
+    pub fn finished(&self) -> u64 {
+        self.count(&RunStatus::Completed)
+            + self.count(&RunStatus::Failed)
+            + self.count(&RunStatus::Cancelled)
+    }
 }
 
 /// A task group (`TaskGroupResponse`).

@@ -619,7 +619,7 @@ impl Client {
 }
 
 fn finished(s: &TaskGroupStatus) -> u64 {
-    s.count(&RunStatus::Completed) + s.count(&RunStatus::Failed) + s.count(&RunStatus::Cancelled)
+    s.finished()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
@@ -538,11 +538,13 @@ impl Shared {
             if unfinished > 0 {
                 self.report(Some(g), Phase::Running, added, claims, None);
                 let waited = AtomicBool::new(false);
+                let finished = AtomicU64::new(0);
                 // Statuses before the last add are of no use: the wait starts after them.
                 let wait = async {
                     let status = self
                         .client
                         .wait_from(g, submission.event_cursor.clone(), |s| {
+                            finished.store(s.finished(), Ordering::Release);
                             self.report(Some(g), Phase::Running, added, claims, Some(s))
                         })
                         .await;
@@ -550,7 +552,7 @@ impl Shared {
                     status
                 };
                 let (status, early) =
-                    futures::join!(wait, self.read_ended_runs(g, &ledger, &waited));
+                    futures::join!(wait, self.read_ended_runs(g, &ledger, &waited, &finished));
                 status.map_err(|source| EnrichError::Wait {
                     task: task.clone(),
                     group_id: g.clone(),
@@ -584,14 +586,25 @@ impl Shared {
 
     /// While the group runs, stores the runs that have ended, in the group's order up to
     /// the first one still active, so that reading results overlaps with running them.
+    /// A pass starts once the wait's statuses count enough ended runs not yet read.
     /// Stops when the wait is over or at the first error: the read after the wait resumes
     /// after the runs passed here, and meets any error again.
-    async fn read_ended_runs(&self, g: &str, ledger: &TaskLedger, waited: &AtomicBool) -> RunsRead {
-        /// A pass that got fewer runs than this waits before the next one.
+    async fn read_ended_runs(
+        &self,
+        g: &str,
+        ledger: &TaskLedger,
+        waited: &AtomicBool,
+        finished: &AtomicU64,
+    ) -> RunsRead {
+        /// Ended runs (by the group's counts) not yet read that are worth a pass.
         const WORTH_A_PASS: u64 = 1000;
         const PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
         let mut read = RunsRead::default();
         while !waited.load(Ordering::Acquire) {
+            if finished.load(Ordering::Acquire) < read.passed + WORTH_A_PASS {
+                tokio::time::sleep(PAUSE).await;
+                continue;
+            }
             let runs = self.client.runs_stream_raw(
                 g,
                 RunsQuery {
@@ -610,6 +623,7 @@ impl Shared {
                     if !pass.stopped_at_active {
                         break;
                     }
+                    // Runs end out of order: the prefix may lag the counts.
                     if pass.passed < WORTH_A_PASS {
                         tokio::time::sleep(PAUSE).await;
                     }
