@@ -5,7 +5,9 @@
 # processor, SQLite file), one fresh server per timed run so neither tool inherits the
 # other's database.
 #
-#   cpu      sim latency 0: what each tool costs in CPU and memory (default 10k and 100k rows)
+#   cpu      sim latency 0: what each tool costs in CPU and memory (default 10k and 100k rows),
+#            and the server's floor: benches/vs_parallel_cli/floor.py sends the same runs
+#            pre-built and reads the results to nowhere, so it times the server alone
 #   latency  sim latency 1..3 s per run, server concurrency 500 (default 10k rows): against
 #            the ideal rows / concurrency x mean latency
 #   scale    groupflow at 100k and 1M rows: peak RSS and time per row
@@ -162,7 +164,9 @@ run_one() {
   csv=$(csv_for "$n")
   start_server "$name" "$@"
   local base="http://127.0.0.1:$port"
-  if [[ $tool == groupflow ]]; then
+  if [[ $tool == floor ]]; then
+    measure "$work/$name" "$python" "$root/benches/vs_parallel_cli/floor.py" "$base" bench "$csv"
+  elif [[ $tool == groupflow ]]; then
     local out="$work/$name.parquet"
     measure "$work/$name" env PARALLEL_BASE_URL="$base" PARALLEL_API_KEY=bench \
       BENCH_INPUT="$csv" BENCH_OUTPUT="$out" \
@@ -182,8 +186,12 @@ run_one() {
     tail -n 20 "$work/$name.log" >&2
     exit 1
   fi
-  # Both outputs must hold every row, each with all five enriched columns filled.
-  if [[ $tool == groupflow ]]; then
+  # Both outputs must hold every row, each with all five enriched columns filled; the
+  # floor's time is the API's part only (building the bodies is left out).
+  if [[ $tool == floor ]]; then
+    wall=$(awk '/^floor_seconds/ { print $2 }' "$work/$name.log")
+    rows=$n filled=$n
+  elif [[ $tool == groupflow ]]; then
     env BENCH_COUNT_INPUT="$out" BENCH_COUNT_OUTPUT="$work/$name.count.csv" \
       "$gf" run --progress quiet --state-dir "$work/$name.state" "$root/benches/vs_parallel_cli/count.yaml" >/dev/null
     IFS=, read -r rows filled < <(tail -n 1 "$work/$name.count.csv")
@@ -224,6 +232,7 @@ for c in "${cases_list[@]}"; do
         for ((r = 1; r <= repeats; r++)); do
           run_one cpu groupflow "$n" "$r" --concurrency "$concurrency"
           if ((n <= pc_max_rows)); then run_one cpu parallel-cli "$n" "$r" --concurrency "$concurrency"; fi
+          run_one cpu floor "$n" "$r" --concurrency "$concurrency"
         done
       done ;;
     latency)
@@ -273,6 +282,16 @@ for (case, tool, n), (wall, rss, _) in sorted(med.items()):
     print(f"{case} {n} rows: wall {wall:.2f} s (groupflow) vs {pwall:.2f} s (parallel-cli): "
           f"parallel-cli / groupflow = {pwall / wall:.2f}x; peak RSS {rss:.1f} vs {prss:.1f} MiB: "
           f"parallel-cli / groupflow = {prss / rss:.2f}x")
+for (case, tool, n), (floor, _, _) in sorted(med.items()):
+    if tool != "floor":
+        continue
+    line = f"{case} {n} rows: the server alone (floor.py) takes {floor:.2f} s"
+    if (case, "groupflow", n) in med:
+        line += f"; groupflow {med[case, 'groupflow', n][0] / floor:.2f}x of it"
+    if (case, "parallel-cli", n) in med:
+        pwall = med[case, "parallel-cli", n][0]
+        line += f"; parallel-cli {pwall / floor:.2f}x of it, so no client can be more than {pwall / floor:.1f}x faster than parallel-cli here"
+    print(line)
 for (case, tool, n), (wall, _, _) in sorted(med.items()):
     if case != "latency":
         continue
