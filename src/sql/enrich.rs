@@ -11,7 +11,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
@@ -43,7 +44,7 @@ use crate::client::{Client, RunsQuery};
 use crate::ledger::{ClaimCounts, Ledger, TaskLedger, task_fingerprint};
 use crate::results::{ResultDecoder, RunsRead, Until, join_results, store_results};
 use crate::sink::spill::Spill;
-use crate::sink::{InputEncoder, SubmitTarget, submit};
+use crate::sink::{InputEncoder, Submission, SubmitTarget, submit};
 
 /// The `enrich` table function.
 #[derive(Debug)]
@@ -512,69 +513,55 @@ impl Shared {
             schema: &self.source_schema,
             spill_dir: self.options.spill_dir.as_deref(),
         };
-        let submission = submit(target, input, |p| {
-            self.report(
-                p.group_id.as_deref(),
-                Phase::Submitting,
-                p.runs_added,
-                p.claims,
-                None,
-            )
-        })
-        .await
-        .map_err(|source| EnrichError::Submit {
-            task: task.clone(),
-            source,
-        })?;
-        let (added, claims) = (submission.runs_added, submission.claims);
-        if let Some(g) = &submission.group_id {
-            let ledger_err = |source| EnrichError::Ledger {
+        // Runs that have ended are read and stored from the moment the group exists, while
+        // rows are still being submitted and while the group runs; `done` ends that.
+        let group = OnceLock::<String>::new();
+        let done = AtomicBool::new(false);
+        let work = async {
+            let submitted = submit(target, input, |p| {
+                if let Some(g) = &p.group_id {
+                    let _ = group.set(g.clone());
+                }
+                self.report(
+                    p.group_id.as_deref(),
+                    Phase::Submitting,
+                    p.runs_added,
+                    p.claims,
+                    None,
+                )
+            })
+            .await
+            .map_err(|source| EnrichError::Submit {
                 task: task.clone(),
                 source,
+            });
+            let waited = match submitted {
+                Ok(s) => self.wait(&s, &ledger).await.map(|to_read| (s, to_read)),
+                Err(e) => Err(e),
             };
-            let (runs, unfinished) = ledger.counts().await.map_err(ledger_err)?;
-            // Nothing to wait for when every run of this attempt already has its result
-            // (a second execution, or a run resumed after its results were stored).
-            if unfinished > 0 {
-                self.report(Some(g), Phase::Running, added, claims, None);
-                let waited = AtomicBool::new(false);
-                let finished = AtomicU64::new(0);
-                // Statuses before the last add are of no use: the wait starts after them.
-                let wait = async {
-                    let status = self
-                        .client
-                        .wait_from(g, submission.event_cursor.clone(), |s| {
-                            finished.store(s.finished(), Ordering::Release);
-                            self.report(Some(g), Phase::Running, added, claims, Some(s))
-                        })
-                        .await;
-                    waited.store(true, Ordering::Release);
-                    status
-                };
-                let (status, early) =
-                    futures::join!(wait, self.read_ended_runs(g, &ledger, &waited, &finished));
-                status.map_err(|source| EnrichError::Wait {
+            done.store(true, Ordering::Release);
+            waited
+        };
+        let (waited, early) = futures::join!(work, self.read_ended_runs(&group, &ledger, &done));
+        let (submission, to_read) = waited?;
+        let claims = submission.claims;
+        if let (Some(g), Some(runs)) = (&submission.group_id, to_read) {
+            self.report(Some(g), Phase::Reading, submission.runs_added, claims, None);
+            let runs = self.client.runs_stream_raw(
+                g,
+                RunsQuery {
+                    include_output: true,
+                    last_event_id: early.cursor,
+                    expected: Some(runs.saturating_sub(early.passed)),
+                    ..RunsQuery::default()
+                },
+            );
+            store_results(runs, g, &ledger, Until::End)
+                .await
+                .map_err(|source| EnrichError::Results {
                     task: task.clone(),
-                    group_id: g.clone(),
                     source,
                 })?;
-                self.report(Some(g), Phase::Reading, added, claims, None);
-                let runs = self.client.runs_stream_raw(
-                    g,
-                    RunsQuery {
-                        include_output: true,
-                        last_event_id: early.cursor,
-                        expected: Some(runs.saturating_sub(early.passed)),
-                        ..RunsQuery::default()
-                    },
-                );
-                store_results(runs, g, &ledger, Until::End)
-                    .await
-                    .map_err(|source| EnrichError::Results {
-                        task: task.clone(),
-                        source,
-                    })?;
-            }
         }
         Ok(Submitted {
             group_id: submission.group_id,
@@ -584,24 +571,75 @@ impl Shared {
         })
     }
 
-    /// While the group runs, stores the runs that have ended, in the group's order up to
-    /// the first one still active, so that reading results overlaps with running them.
-    /// A pass starts once the wait's statuses count enough ended runs not yet read.
-    /// Stops when the wait is over or at the first error: the read after the wait resumes
-    /// after the runs passed here, and meets any error again.
+    /// Waits for the group of `submission` to finish. Returns how many runs the group holds
+    /// for this attempt when some of them had no stored result yet (they are to be read),
+    /// `None` when there is nothing to read.
+    async fn wait(
+        &self,
+        submission: &Submission,
+        ledger: &TaskLedger,
+    ) -> std::result::Result<Option<u64>, EnrichError> {
+        let task = &self.task.name;
+        let Some(g) = &submission.group_id else {
+            return Ok(None);
+        };
+        let (added, claims) = (submission.runs_added, submission.claims);
+        let (runs, unfinished) = ledger
+            .counts()
+            .await
+            .map_err(|source| EnrichError::Ledger {
+                task: task.clone(),
+                source,
+            })?;
+        // Nothing to wait for when every run of this attempt already has its result
+        // (a second execution, a run resumed after its results were stored, or every
+        // result read while the rows were submitted).
+        if unfinished == 0 {
+            return Ok(None);
+        }
+        self.report(Some(g), Phase::Running, added, claims, None);
+        // Statuses before the last add are of no use: the wait starts after them.
+        self.client
+            .wait_from(g, submission.event_cursor.clone(), |s| {
+                self.report(Some(g), Phase::Running, added, claims, Some(s))
+            })
+            .await
+            .map_err(|source| EnrichError::Wait {
+                task: task.clone(),
+                group_id: g.clone(),
+                source,
+            })?;
+        Ok(Some(runs))
+    }
+
+    /// From the moment the group exists until `done`, stores the runs that have ended, in
+    /// the group's order up to the first one still active, so that reading results
+    /// overlaps with submitting and running them. A pass starts once the group's counts
+    /// show enough ended runs not yet read. Stops at `done` or at the first error: the read
+    /// after the wait resumes after the runs passed here, and meets any error again.
     async fn read_ended_runs(
         &self,
-        g: &str,
+        group: &OnceLock<String>,
         ledger: &TaskLedger,
-        waited: &AtomicBool,
-        finished: &AtomicU64,
+        done: &AtomicBool,
     ) -> RunsRead {
         /// Ended runs (by the group's counts) not yet read that are worth a pass.
         const WORTH_A_PASS: u64 = 1000;
         const PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
         let mut read = RunsRead::default();
-        while !waited.load(Ordering::Acquire) {
-            if finished.load(Ordering::Acquire) < read.passed + WORTH_A_PASS {
+        while !done.load(Ordering::Acquire) {
+            let Some(g) = group.get() else {
+                tokio::time::sleep(PAUSE).await;
+                continue;
+            };
+            let finished = match self.client.get_group(g).await {
+                Ok(t) => t.status.finished(),
+                Err(e) => {
+                    tracing::debug!(group = %g, error = %e, "reading ended runs early stopped");
+                    break;
+                }
+            };
+            if finished < read.passed + WORTH_A_PASS {
                 tokio::time::sleep(PAUSE).await;
                 continue;
             }
@@ -620,16 +658,13 @@ impl Shared {
                     if pass.cursor.is_some() {
                         read.cursor = pass.cursor;
                     }
-                    if !pass.stopped_at_active {
-                        break;
-                    }
                     // Runs end out of order: the prefix may lag the counts.
                     if pass.passed < WORTH_A_PASS {
                         tokio::time::sleep(PAUSE).await;
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(group = g, error = %e, "reading ended runs early stopped");
+                    tracing::debug!(group = %g, error = %e, "reading ended runs early stopped");
                     break;
                 }
             }
