@@ -542,7 +542,7 @@ impl Client {
                 progress(&s);
                 return Ok(s);
             }
-            if finished(&s) >= finished(&last) {
+            if s.finished() >= last.finished() {
                 progress(&s);
                 last = s;
             }
@@ -616,10 +616,6 @@ impl Client {
             .await;
         Ok(())
     }
-}
-
-fn finished(s: &TaskGroupStatus) -> u64 {
-    s.finished()
 }
 
 #[cfg(test)]

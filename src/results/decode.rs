@@ -103,10 +103,11 @@ impl ResultDecoder {
         }
     }
 
-    /// The same decoder with an all-null `basis` column, for readers that do not select it:
-    /// the basis is most of a result's bytes, and decoding it most of the work.
-    pub fn without_basis(mut self) -> Self {
-        self.with_basis = false;
+    /// The same decoder, decoding the `basis` column or (false) leaving it all nulls, for
+    /// readers that do not select it: the basis is most of a result's bytes, and decoding it
+    /// most of the work.
+    pub fn with_basis(mut self, with_basis: bool) -> Self {
+        self.with_basis = with_basis;
         self
     }
 

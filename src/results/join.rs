@@ -72,8 +72,6 @@ pub struct RunsRead {
     pub passed: u64,
     /// With [`Until::Active`]: the `event_id` of the last run passed.
     pub cursor: Option<String>,
-    /// The read stopped at a run still active.
-    pub stopped_at_active: bool,
 }
 
 /// Where a read of a group's runs stops.
@@ -104,7 +102,6 @@ pub async fn store_results(
         })?;
         if until == Until::Active {
             if !run.status.is_terminal() || run.event_id.is_none() {
-                read.stopped_at_active = true;
                 break;
             }
             read.passed += 1;
@@ -235,7 +232,6 @@ mod tests {
                 stored: 2,
                 passed: 2,
                 cursor: Some("e1".into()),
-                stopped_at_active: true,
             }
         );
         let stored = task.results(keys.clone()).await.unwrap();

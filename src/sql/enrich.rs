@@ -685,11 +685,7 @@ impl Shared {
         join_results(
             s.spill.clone(),
             s.ledger.clone(),
-            if with_basis {
-                ResultDecoder::new(self.task.output.clone())
-            } else {
-                ResultDecoder::new(self.task.output.clone()).without_basis()
-            },
+            ResultDecoder::new(self.task.output.clone()).with_basis(with_basis),
             self.schema.clone(),
         )
         .map_err(move |source| {
