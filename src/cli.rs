@@ -235,8 +235,10 @@ async fn run(args: RunArgs) -> i32 {
         },
     };
     let progress = pipeline::Progress::new(args.progress);
+    // Ctrl-C is looked at first: when it and the pipeline are both ready, the pipeline is
+    // not polled again (a poll could send one more add-runs POST).
     let outcome = tokio::select! {
-        r = pipeline::run(&loaded, &options, &progress) => r,
+        biased;
         _ = tokio::signal::ctrl_c() => {
             progress.finish();
             eprintln!(
@@ -246,6 +248,7 @@ async fn run(args: RunArgs) -> i32 {
             );
             return exit::INTERRUPTED;
         }
+        r = pipeline::run(&loaded, &options, &progress) => r,
     };
     match outcome {
         Ok(summary) => {
