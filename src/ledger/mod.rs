@@ -118,10 +118,16 @@ pub struct Reconciled {
     pub dropped: u64,
 }
 
+// Rows are found by their input key, a hash: each claim, update or lookup lands on a random
+// page of the key index. Small pages keep what a random update rewrites (into the log, then
+// into the database) to 1 KB; a 32 MB log between checkpoints lets one checkpoint write a
+// page that many transactions changed once. (`page_size` only applies to a new ledger.)
 const SCHEMA: &str = "
+PRAGMA page_size = 1024;
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
 PRAGMA cache_size = -16384;
+PRAGMA wal_autocheckpoint = 32768;
 CREATE TABLE IF NOT EXISTS attempts (
   attempt INTEGER PRIMARY KEY,
   pipeline TEXT NOT NULL,
@@ -716,6 +722,14 @@ impl TaskLedger {
         Ok(())
     }
 
+    /// Copies the write-ahead log into the database and empties it. Reading many results
+    /// goes faster afterwards: each page read no longer searches the log's index first.
+    pub async fn checkpoint(&self) -> Result<(), LedgerError> {
+        self.ledger
+            .blocking(|c| c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
+            .await
+    }
+
     /// The stored result of each key (`None` where there is none).
     pub async fn results(&self, keys: Vec<String>) -> Result<Vec<Option<String>>, LedgerError> {
         let task = self.task_id;
@@ -854,6 +868,28 @@ mod tests {
         let r = t.results(keys(&["a", "b"])).await.unwrap();
         assert_eq!(r[0].as_deref(), Some(json.as_str()));
         assert_eq!(r[1].as_deref(), Some("{\"k\":\"old\"}"));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_empties_the_log_and_keeps_every_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        let ks: Vec<String> = (0..500).map(|i| format!("k{i}")).collect();
+        t.claim(ks.clone()).await.unwrap();
+        let stored = ks.iter().map(|k| done(k, true)).collect();
+        t.store_results("tgrp_1", stored).await.unwrap();
+        let wal = dir.path().join("ledger.sqlite-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        t.checkpoint().await.unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        let read = t.results(ks).await.unwrap();
+        assert!(read.iter().all(Option::is_some));
+        // New ledgers use small pages: a random key's update rewrites 1 KB, not 4.
+        let c = Connection::open(&path).unwrap();
+        let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(page, 1024);
     }
 
     fn done(key: &str, completed: bool) -> StoredResult {

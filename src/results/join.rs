@@ -135,8 +135,17 @@ pub async fn store_results(
     Ok(read)
 }
 
+/// Slices fetched ahead of the one being decoded.
+const FETCH_AHEAD: usize = 2;
+
+/// One slice of spilled rows with the stored result of each (`None` where there is none).
+type Fetched = (RecordBatch, Vec<String>, Vec<Option<String>>);
+
 /// Emits one batch per slice of spilled rows: the source columns (without the key), then
 /// the decoder's columns, under `schema`.
+///
+/// Reading the spill and the ledger runs in a task of its own, a few slices ahead of the
+/// JSON decoding, so the two use both cores; it stops when the stream is dropped.
 pub fn join_results(
     spill: Arc<Spill>,
     ledger: TaskLedger,
@@ -148,35 +157,60 @@ pub fn join_results(
     } else {
         crate::client::decode_run_state_without_basis
     };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, JoinError>>(FETCH_AHEAD);
+    let fetch = async move {
+        let fetched = fetch_stored(&spill, &ledger, &tx).await;
+        if let Err(e) = fetched {
+            let _ = tx.send(Err(e)).await;
+        }
+    };
     async_stream::try_stream! {
-        let mut reader = spill.reader()?;
-        while let Some(spilled) = reader.next_batch()? {
-            for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
-                let batch = spilled.slice(offset, JOIN_ROWS.min(spilled.num_rows() - offset));
-                let key_col = batch.num_columns() - 1;
-                let keys: Vec<String> = batch
-                    .column(key_col)
-                    .as_string::<i32>()
-                    .iter()
-                    .map(|k| k.unwrap_or_default().to_string())
-                    .collect();
-                let stored = ledger.results(keys.clone()).await?;
-                let mut events = Vec::with_capacity(stored.len());
-                for (key, json) in keys.iter().zip(stored) {
-                    events.push(match json {
-                        Some(j) => Some(read_run(&j).map_err(|e| {
-                            JoinError::Stored { key: key.clone(), message: e.to_string() }
-                        })?),
-                        None => None,
-                    });
-                }
-                let rows: Vec<Option<&TaskRunEvent>> = events.iter().map(Option::as_ref).collect();
-                let mut cols = batch.columns()[..key_col].to_vec();
-                cols.extend(decoder.decode(&rows)?);
-                yield RecordBatch::try_new(schema.clone(), cols)?;
+        tokio::spawn(fetch);
+        while let Some(fetched) = rx.recv().await {
+            let (batch, keys, stored) = fetched?;
+            let mut events = Vec::with_capacity(stored.len());
+            for (key, json) in keys.iter().zip(stored) {
+                events.push(match json {
+                    Some(j) => Some(read_run(&j).map_err(|e| {
+                        JoinError::Stored { key: key.clone(), message: e.to_string() }
+                    })?),
+                    None => None,
+                });
+            }
+            let rows: Vec<Option<&TaskRunEvent>> = events.iter().map(Option::as_ref).collect();
+            let key_col = batch.num_columns() - 1;
+            let mut cols = batch.columns()[..key_col].to_vec();
+            cols.extend(decoder.decode(&rows)?);
+            yield RecordBatch::try_new(schema.clone(), cols)?;
+        }
+    }
+}
+
+/// Sends the spill's rows a slice at a time, each with its keys and stored results, until
+/// the spill ends or the receiver is gone.
+async fn fetch_stored(
+    spill: &Spill,
+    ledger: &TaskLedger,
+    tx: &tokio::sync::mpsc::Sender<Result<Fetched, JoinError>>,
+) -> Result<(), JoinError> {
+    ledger.checkpoint().await?;
+    let mut reader = spill.reader()?;
+    while let Some(spilled) = reader.next_batch()? {
+        for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
+            let batch = spilled.slice(offset, JOIN_ROWS.min(spilled.num_rows() - offset));
+            let keys: Vec<String> = batch
+                .column(batch.num_columns() - 1)
+                .as_string::<i32>()
+                .iter()
+                .map(|k| k.unwrap_or_default().to_string())
+                .collect();
+            let stored = ledger.results(keys.clone()).await?;
+            if tx.send(Ok((batch, keys, stored))).await.is_err() {
+                return Ok(());
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
