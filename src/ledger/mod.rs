@@ -651,8 +651,10 @@ impl TaskLedger {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
         self.ledger
             .blocking(move |c| {
+                // A scan in row order: through the key index, which starts with task_id,
+                // each row would be a random page (at 1M rows: 2.1 s and 990k cache misses).
                 c.query_row(
-                    "SELECT count(*), count(*) - count(result_id) FROM runs
+                    "SELECT count(*), count(*) - count(result_id) FROM runs NOT INDEXED
                      WHERE task_id = ?1 AND attempt = ?2",
                     params![task, attempt],
                     |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
