@@ -561,52 +561,53 @@ impl TaskLedger {
                 let tx = c.transaction()?;
                 let mut claims = Vec::with_capacity(keys.len());
                 {
-                    let mut find = tx.prepare_cached(
-                        "SELECT attempt, session, status, result_id FROM runs
-                         WHERE task_id = ?1 AND input_key = ?2",
-                    )?;
-                    let mut put = tx.prepare_cached(
+                    // A new key is inserted straight away: one walk down the key index
+                    // instead of a lookup and then an insert (at 1M rows most keys are new).
+                    let mut add = tx.prepare_cached(
                         "INSERT INTO runs (task_id, input_key, attempt, session, status)
                          VALUES (?1, ?2, ?3, ?4, 'queued')
-                         ON CONFLICT (task_id, input_key) DO UPDATE SET
-                           attempt = ?3, session = ?4, status = 'queued',
-                           group_id = NULL, run_id = NULL, result_id = NULL",
+                         ON CONFLICT (task_id, input_key) DO NOTHING",
+                    )?;
+                    let mut find = tx.prepare_cached(
+                        "SELECT rowid, attempt, session, status, result_id FROM runs
+                         WHERE task_id = ?1 AND input_key = ?2",
+                    )?;
+                    let mut requeue = tx.prepare_cached(
+                        "UPDATE runs SET attempt = ?2, session = ?3, status = 'queued',
+                           group_id = NULL, run_id = NULL, result_id = NULL
+                         WHERE rowid = ?1",
                     )?;
                     let mut drop_result =
                         tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
                     for key in &keys {
-                        type Known = (i64, String, String, Option<i64>);
-                        let known: Option<Known> = find
+                        if add.execute(params![task, key, attempt, session])? == 1 {
+                            claims.push(Claim::Submit);
+                            continue;
+                        }
+                        type Known = (i64, i64, String, String, Option<i64>);
+                        let (row, a, s, st, old): Known = find
                             .query_row(params![task, key], |r| {
-                                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                            })
-                            .optional()?;
-                        let claim = match &known {
-                            Some((a, s, _, _)) if *a == attempt && *s == session => {
-                                Claim::Duplicate
-                            }
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                            })?;
+                        let claim = if a == attempt && s == session {
+                            Claim::Duplicate
+                        } else if a == attempt && st != status::QUEUED {
                             // Claimed before an interruption: shared if the server has its
                             // run (see `reconcile`), sent again if its POST never arrived.
-                            Some((a, _, st, _)) if *a == attempt && st != status::QUEUED => {
-                                Claim::Resumed
-                            }
-                            Some((_, _, st, _)) if !options.no_cache && st == status::COMPLETED => {
-                                Claim::Cached
-                            }
-                            Some((_, _, st, _))
-                                if !options.no_cache
-                                    && !options.retry_failed
-                                    && st == status::FAILED =>
-                            {
-                                Claim::Cached
-                            }
-                            _ => Claim::Submit,
+                            Claim::Resumed
+                        } else if !options.no_cache
+                            && (st == status::COMPLETED
+                                || (!options.retry_failed && st == status::FAILED))
+                        {
+                            Claim::Cached
+                        } else {
+                            Claim::Submit
                         };
                         if claim == Claim::Submit {
-                            if let Some((_, _, _, Some(old))) = known {
+                            if let Some(old) = old {
                                 drop_result.execute(params![old])?;
                             }
-                            put.execute(params![task, key, attempt, session])?;
+                            requeue.execute(params![row, attempt, session])?;
                         }
                         claims.push(claim);
                     }
@@ -677,43 +678,43 @@ impl TaskLedger {
                 let tx = c.transaction()?;
                 {
                     // Results are appended to their own table (sequential rowids); the run's
-                    // row, keyed by a random-looking input key, only gains the result's id.
+                    // row, found once by its random-looking input key, then changed by its
+                    // rowid (rows are in claim order, as results come), gains the result's id.
+                    let mut find = tx.prepare_cached(
+                        "SELECT rowid, attempt, status, result_id FROM runs
+                         WHERE task_id = ?1 AND input_key = ?2",
+                    )?;
                     let mut add = tx.prepare_cached("INSERT INTO results (json) VALUES (?1)")?;
                     let mut link = tx.prepare_cached(
-                        "UPDATE runs SET status = ?5, run_id = ?6, result_id = ?7, group_id = ?4
-                         WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3
-                           AND (result_id IS NULL OR status != 'completed')",
-                    )?;
-                    let mut find_old = tx.prepare_cached(
-                        "SELECT result_id FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                        "UPDATE runs SET status = ?2, run_id = ?3, result_id = ?4, group_id = ?5
+                         WHERE rowid = ?1",
                     )?;
                     let mut drop_result =
                         tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
                     for (r, packed) in results.iter().zip(&packed) {
+                        type Row = (i64, i64, String, Option<i64>);
+                        let row: Option<Row> = find
+                            .query_row(params![task, r.input_key], |row| {
+                                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                            })
+                            .optional()?;
+                        // Only this attempt's claims, and never over a completed result.
+                        let Some((row, a, st, old)) = row else {
+                            continue;
+                        };
+                        if a != attempt || (old.is_some() && st == status::COMPLETED) {
+                            continue;
+                        }
                         let st = if r.completed {
                             status::COMPLETED
                         } else {
                             status::FAILED
                         };
-                        let old: Option<i64> = find_old
-                            .query_row(params![task, r.input_key], |row| row.get(0))
-                            .optional()?
-                            .flatten();
                         add.execute(params![packed])?;
                         let id = tx.last_insert_rowid();
-                        let linked = link.execute(params![
-                            task,
-                            r.input_key,
-                            attempt,
-                            group,
-                            st,
-                            r.run_id,
-                            id
-                        ])?;
-                        // Kept: the stored (completed) result; replaced: the older one.
-                        let unused = if linked == 0 { Some(id) } else { old };
-                        if let Some(unused) = unused {
-                            drop_result.execute(params![unused])?;
+                        link.execute(params![row, st, r.run_id, id, group])?;
+                        if let Some(old) = old {
+                            drop_result.execute(params![old])?;
                         }
                     }
                 }
