@@ -235,21 +235,31 @@ async fn run(args: RunArgs) -> i32 {
         },
     };
     let progress = pipeline::Progress::new(args.progress);
+    let interrupted = || {
+        progress.finish();
+        eprintln!(
+            "interrupted: submitting stopped and no output was written; the runs already submitted are recorded in {} — run `groupflow run {}` again to resume without submitting them again",
+            state.ledger_db().display(),
+            args.pipeline.display()
+        );
+        exit::INTERRUPTED
+    };
+    // The signal handler sets a flag that stops add-runs POSTs at once; tokio's wake-up
+    // below comes when its driver next runs, and ends the run.
+    if let Err(e) = crate::interrupt::watch() {
+        tracing::warn!("Ctrl-C will stop submitting only when the runtime sees it: {e}");
+    }
     // Ctrl-C is looked at first: when it and the pipeline are both ready, the pipeline is
-    // not polled again (a poll could send one more add-runs POST).
+    // not polled again.
     let outcome = tokio::select! {
         biased;
-        _ = tokio::signal::ctrl_c() => {
-            progress.finish();
-            eprintln!(
-                "interrupted: submitting stopped and no output was written; the runs already submitted are recorded in {} — run `groupflow run {}` again to resume without submitting them again",
-                state.ledger_db().display(),
-                args.pipeline.display()
-            );
-            return exit::INTERRUPTED;
-        }
+        _ = tokio::signal::ctrl_c() => return interrupted(),
         r = pipeline::run(&loaded, &options, &progress) => r,
     };
+    // The flag stopped a POST before tokio saw the signal: the same interruption.
+    if outcome.is_err() && crate::interrupt::requested() {
+        return interrupted();
+    }
     match outcome {
         Ok(summary) => {
             print!("{summary}");

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod interrupt;
 pub mod ledger;
 pub mod pipeline;
 pub mod results;

@@ -512,11 +512,11 @@ fn ctrl_c_stops_submitting_writes_nothing_and_the_next_run_resumes() {
     );
     assert!(rest.contains("ledger.sqlite"), "{rest}");
     assert!(!dir.path().join("out").exists(), "no output at all");
-    // Submitting stopped far short of the 40 batches: the 2 recorded, the 4 in flight, and
-    // what the wake-up sent before the runtime saw the signal (its driver reads it when it
-    // next runs: one batch on an idle machine, more on a loaded one; 7 seen under load).
+    // Submitting stopped far short of the 40 batches: the 2 recorded and at most the 4 in
+    // flight. The signal handler's flag stops every later POST, however long the runtime
+    // takes to see the signal (without it, 7 batches landed under load).
     let at_exit = settled_runs(&server);
-    assert!(at_exit <= 12 * 500, "{at_exit} runs after Ctrl-C");
+    assert!(at_exit <= 6 * 500, "{at_exit} runs after Ctrl-C");
 
     let summary = run_ok(dir.path(), &server, &[]);
     assert!(

@@ -84,6 +84,9 @@ pub enum ClientError {
     /// The answer breaks a promise of the API (e.g. fewer run ids than inputs).
     #[error("{endpoint}: {message}")]
     Protocol { endpoint: String, message: String },
+    /// Ctrl-C arrived (see [`crate::interrupt`]): the request was not sent.
+    #[error("{endpoint}: not sent: interrupted")]
+    Interrupted { endpoint: String },
 }
 
 impl ClientError {
@@ -135,7 +138,10 @@ impl ClientError {
     /// True when the request certainly did not reach the server, so re-sending a
     /// non-idempotent POST cannot duplicate anything.
     pub fn was_not_sent(&self) -> bool {
-        matches!(self, ClientError::Connect { .. })
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Interrupted { .. }
+        )
     }
 
     /// How long the server asked to wait before trying again.
