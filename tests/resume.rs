@@ -422,6 +422,11 @@ fn killed_while_results_stream_in() {
 }
 
 #[test]
+fn killed_with_results_in_the_log_but_not_yet_linked_to_their_runs() {
+    kill_and_resume("results.logged:2", 0);
+}
+
+#[test]
 fn killed_after_the_enrich_step_is_materialized() {
     kill_and_resume("step.done:1", 0);
 }

@@ -15,6 +15,7 @@
 //! is written before its POST, so after a crash the attempt's group is read back and
 //! [`TaskLedger::reconcile`] keeps exactly the claims the server has.
 
+mod log;
 mod pause;
 
 pub use pause::{PAUSE_ENV, pause_point};
@@ -160,8 +161,10 @@ CREATE TABLE IF NOT EXISTS runs (
   result_id INTEGER,
   PRIMARY KEY (task_id, input_key)
 );
--- `json` holds a run's event as LZ4-compressed JSON (a BLOB); ledgers written before
--- compression hold plain JSON text, which is read as it is.
+-- A run's result is in the result log (`result_at`, `result_len`: see log.rs) or, in
+-- ledgers written before format 2, here (`result_id`). `json` holds a run's event as
+-- LZ4-compressed JSON (a BLOB); ledgers written before compression hold plain JSON text,
+-- which is read as it is.
 CREATE TABLE IF NOT EXISTS results (
   result_id INTEGER PRIMARY KEY,
   json TEXT NOT NULL
@@ -179,15 +182,20 @@ CREATE TABLE IF NOT EXISTS outputs (
 ";
 
 /// The ledger's format, kept in `PRAGMA user_version`. Format 1 stores input keys that are
-/// fingerprints as their 16 bytes; format 0 (before it) stored them as hex text, and such
-/// ledgers are converted when opened.
-const FORMAT: i64 = 1;
+/// fingerprints as their 16 bytes (format 0 stored them as hex text); format 2 appends
+/// results to the result log instead of the `results` table (whose rows are still read).
+/// Older ledgers are converted when opened.
+const FORMAT: i64 = 2;
 
 /// Converts a format-0 ledger: the keys that are fingerprints become their 16 bytes, so
 /// the claims and results recorded before stay found.
 const TO_FORMAT_1: &str = "UPDATE runs SET input_key = unhex(input_key)
  WHERE typeof(input_key) = 'text' AND length(input_key) = 32
    AND input_key NOT GLOB '*[^0-9a-f]*'";
+
+/// Format 2: where a run's result starts in the result log, and its length.
+const TO_FORMAT_2: &str = "ALTER TABLE runs ADD COLUMN result_at INTEGER;
+ ALTER TABLE runs ADD COLUMN result_len INTEGER;";
 
 /// An input key as the ledger binds it. A [`fingerprint`] (32 lowercase hex digits, every
 /// key a pipeline makes) is stored as its 16 bytes: half the size, so each page of the key
@@ -252,6 +260,8 @@ mod status {
 pub struct Ledger {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Results, appended (see [`log`]); used with `conn` locked.
+    log: log::ResultLog,
     attempt: i64,
     session: String,
     resumed: bool,
@@ -353,8 +363,21 @@ impl Ledger {
                 ),
             });
         }
-        if format < FORMAT {
+        if format < 1 {
             tx.execute(TO_FORMAT_1, []).map_err(err)?;
+        }
+        let has_log_columns: bool = tx
+            .query_row(
+                "SELECT count(*) = 2 FROM pragma_table_info('runs')
+                 WHERE name IN ('result_at', 'result_len')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        if format < 2 && !has_log_columns {
+            tx.execute_batch(TO_FORMAT_2).map_err(err)?;
+        }
+        if format < FORMAT {
             tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))
                 .map_err(err)?;
         }
@@ -386,9 +409,17 @@ impl Ledger {
             }
         };
         tx.commit().map_err(err)?;
+        let log_path = log::path_for(path);
+        let log = log::ResultLog::open(log_path.clone(), temp.is_none()).map_err(|e| {
+            LedgerError::Io {
+                path: log_path,
+                message: e.to_string(),
+            }
+        })?;
         Ok(Arc::new(Ledger {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
+            log,
             attempt,
             session,
             resumed,
@@ -418,7 +449,7 @@ impl Ledger {
     ) -> Result<TaskLedger, LedgerError> {
         let (n, fp) = (name.to_string(), fingerprint.to_string());
         let task_id = self
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 c.execute(
                     "INSERT INTO tasks (fingerprint, name) VALUES (?1, ?2)
                      ON CONFLICT (fingerprint) DO NOTHING",
@@ -480,16 +511,22 @@ impl Ledger {
     }
 
     /// Runs `f` on the connection on a blocking thread.
-    async fn blocking<T: Send + 'static>(
+    async fn blocking<T: Send + 'static, E: Into<Fail>>(
         self: &Arc<Self>,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
     ) -> Result<T, LedgerError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = me.conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn).map_err(|source| LedgerError::Sqlite {
-                path: me.path.clone(),
-                source,
+            f(&mut conn).map_err(|e| match e.into() {
+                Fail::Sql(source) => LedgerError::Sqlite {
+                    path: me.path.clone(),
+                    source,
+                },
+                Fail::Log(e) => LedgerError::Io {
+                    path: me.log.path().to_path_buf(),
+                    message: e.to_string(),
+                },
             })
         })
         .await
@@ -497,6 +534,24 @@ impl Ledger {
             path: self.path.clone(),
             message: format!("ledger thread: {e}"),
         })?
+    }
+}
+
+/// What went wrong inside [`Ledger::blocking`]: the database or the result log.
+enum Fail {
+    Sql(rusqlite::Error),
+    Log(std::io::Error),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        Fail::Log(e)
     }
 }
 
@@ -512,7 +567,7 @@ impl TaskLedger {
     pub async fn group(&self) -> Result<Option<String>, LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 c.query_row(
                     "SELECT group_id FROM groups WHERE attempt = ?1 AND task_id = ?2",
                     params![attempt, task],
@@ -537,7 +592,7 @@ impl TaskLedger {
         let group_id = create().await.map_err(GroupError::Create)?;
         let (attempt, task, g) = (self.ledger.attempt, self.task_id, group_id.clone());
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 c.execute(
                     "INSERT INTO groups (attempt, task_id, group_id, created_at)
                      VALUES (?1, ?2, ?3, ?4)",
@@ -573,7 +628,7 @@ impl TaskLedger {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
         let group = group_id.map(str::to_string);
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 let tx = c.transaction()?;
                 let mut out = Reconciled::default();
                 {
@@ -613,10 +668,11 @@ impl TaskLedger {
     pub async fn forget_group(&self, group_id: &str) -> Result<(), LedgerError> {
         let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 let tx = c.transaction()?;
                 tx.execute(
-                    "DELETE FROM runs WHERE task_id = ?1 AND attempt = ?2 AND result_id IS NULL",
+                    "DELETE FROM runs WHERE task_id = ?1 AND attempt = ?2
+                       AND result_id IS NULL AND result_at IS NULL",
                     params![task, attempt],
                 )?;
                 tx.execute(
@@ -636,7 +692,7 @@ impl TaskLedger {
             (l.attempt, self.task_id, l.session.clone(), l.options);
         let claims = self
             .ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 let tx = c.transaction()?;
                 let mut claims = Vec::with_capacity(keys.len());
                 {
@@ -653,7 +709,8 @@ impl TaskLedger {
                     )?;
                     let mut requeue = tx.prepare_cached(
                         "UPDATE runs SET attempt = ?2, session = ?3, status = 'queued',
-                           group_id = NULL, run_id = NULL, result_id = NULL
+                           group_id = NULL, run_id = NULL, result_id = NULL,
+                           result_at = NULL, result_len = NULL
                          WHERE rowid = ?1",
                     )?;
                     let mut drop_result =
@@ -708,7 +765,7 @@ impl TaskLedger {
     ) -> Result<(), LedgerError> {
         let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 let tx = c.transaction()?;
                 {
                     let mut s = tx.prepare_cached(
@@ -730,11 +787,12 @@ impl TaskLedger {
     pub async fn counts(&self) -> Result<(u64, u64), LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> rusqlite::Result<_> {
                 // A scan in row order: through the key index, which starts with task_id,
                 // each row would be a random page (at 1M rows: 2.1 s and 990k cache misses).
                 c.query_row(
-                    "SELECT count(*), count(*) - count(result_id) FROM runs NOT INDEXED
+                    "SELECT count(*), count(*) - count(coalesce(result_at, result_id))
+                     FROM runs NOT INDEXED
                      WHERE task_id = ?1 AND attempt = ?2",
                     params![task, attempt],
                     |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
@@ -751,53 +809,68 @@ impl TaskLedger {
         results: Vec<StoredResult>,
     ) -> Result<(), LedgerError> {
         let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
+        let me = self.ledger.clone();
         self.ledger
-            .blocking(move |c| {
-                let packed: Vec<Vec<u8>> = results.iter().map(|r| pack_result(&r.json)).collect();
+            .blocking(move |c| -> Result<(), Fail> {
                 let tx = c.transaction()?;
                 {
-                    // Results are appended to their own table (sequential rowids); the run's
-                    // row, found once by its random-looking input key, then changed by its
-                    // rowid (rows are in claim order, as results come), gains the result's id.
+                    // Each run's row is found once by its random-looking input key; the
+                    // results it keeps go to the result log in one append, made durable
+                    // before this transaction links them to their rows by rowid.
                     let mut find = tx.prepare_cached(
-                        "SELECT rowid, attempt, status, result_id FROM runs
+                        "SELECT rowid, attempt, status, result_id, result_at FROM runs
                          WHERE task_id = ?1 AND input_key = ?2",
                     )?;
-                    let mut add = tx.prepare_cached("INSERT INTO results (json) VALUES (?1)")?;
+                    let mut keep = Vec::with_capacity(results.len());
+                    for r in &results {
+                        type Row = (i64, i64, String, Option<i64>, Option<i64>);
+                        let row: Option<Row> = find
+                            .query_row(params![task, DbKey::new(&r.input_key)], |row| {
+                                Ok((
+                                    row.get(0)?,
+                                    row.get(1)?,
+                                    row.get(2)?,
+                                    row.get(3)?,
+                                    row.get(4)?,
+                                ))
+                            })
+                            .optional()?;
+                        // Only this attempt's claims, and never over a completed result.
+                        let Some((row, a, st, old_id, old_at)) = row else {
+                            continue;
+                        };
+                        let stored = old_id.is_some() || old_at.is_some();
+                        if a != attempt || (stored && st == status::COMPLETED) {
+                            continue;
+                        }
+                        keep.push((r, row, old_id, pack_result(&r.json)));
+                    }
+                    let records: Vec<&[u8]> = keep.iter().map(|k| k.3.as_slice()).collect();
+                    let at = me.log.append(&records)?;
+                    pause_point("results.logged");
                     let mut link = tx.prepare_cached(
-                        "UPDATE runs SET status = ?2, run_id = ?3, result_id = ?4, group_id = ?5
+                        "UPDATE runs SET status = ?2, run_id = ?3, result_at = ?4,
+                           result_len = ?5, result_id = NULL, group_id = ?6
                          WHERE rowid = ?1",
                     )?;
                     let mut drop_result =
                         tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
-                    for (r, packed) in results.iter().zip(&packed) {
-                        type Row = (i64, i64, String, Option<i64>);
-                        let row: Option<Row> = find
-                            .query_row(params![task, DbKey::new(&r.input_key)], |row| {
-                                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                            })
-                            .optional()?;
-                        // Only this attempt's claims, and never over a completed result.
-                        let Some((row, a, st, old)) = row else {
-                            continue;
-                        };
-                        if a != attempt || (old.is_some() && st == status::COMPLETED) {
-                            continue;
-                        }
+                    for ((r, row, old_id, _), (at, len)) in keep.iter().zip(at) {
                         let st = if r.completed {
                             status::COMPLETED
                         } else {
                             status::FAILED
                         };
-                        add.execute(params![packed])?;
-                        let id = tx.last_insert_rowid();
-                        link.execute(params![row, st, r.run_id, id, group])?;
-                        if let Some(old) = old {
+                        let (at, len) = (at as i64, len as i64);
+                        link.execute(params![row, st, r.run_id, at, len, group])?;
+                        // A result replaced in the log stays there, unreferenced.
+                        if let Some(old) = old_id {
                             drop_result.execute(params![old])?;
                         }
                     }
                 }
-                tx.commit()
+                tx.commit()?;
+                Ok(())
             })
             .await?;
         pause_point("results.stored");
@@ -815,24 +888,53 @@ impl TaskLedger {
     /// The stored result of each key (`None` where there is none).
     pub async fn results(&self, keys: Vec<String>) -> Result<Vec<Option<String>>, LedgerError> {
         let task = self.task_id;
+        let me = self.ledger.clone();
         self.ledger
-            .blocking(move |c| {
+            .blocking(move |c| -> Result<Vec<Option<String>>, Fail> {
                 let mut s = c.prepare_cached(
-                    "SELECT json FROM results WHERE result_id =
-                       (SELECT result_id FROM runs WHERE task_id = ?1 AND input_key = ?2)",
+                    "SELECT result_at, result_len,
+                       (SELECT json FROM results r WHERE r.result_id = runs.result_id)
+                     FROM runs WHERE task_id = ?1 AND input_key = ?2",
                 )?;
-                keys.iter()
-                    .map(|k| {
-                        s.query_row(params![task, DbKey::new(k)], |r| {
-                            unpack_result(r.get_ref(0)?)
+                let mut out = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    type Found = (Option<i64>, Option<i64>, Option<Option<String>>);
+                    let found: Option<Found> = s
+                        .query_row(params![task, DbKey::new(k)], |r| {
+                            let old = match r.get_ref(2)? {
+                                rusqlite::types::ValueRef::Null => None,
+                                v => Some(unpack_result(v)?),
+                            };
+                            Ok((r.get(0)?, r.get(1)?, old))
                         })
-                        .optional()
-                        .map(Option::flatten)
-                    })
-                    .collect()
+                        .optional()?;
+                    out.push(match found {
+                        Some((Some(at), Some(len), _)) => {
+                            let packed = me.log.read(at as u64, len as usize)?;
+                            Some(unpack_logged(&packed, at)?)
+                        }
+                        Some((_, _, Some(old))) => old,
+                        _ => None,
+                    });
+                }
+                Ok(out)
             })
             .await
     }
+}
+
+/// A result read from the log as JSON; an error names where its record starts.
+fn unpack_logged(packed: &[u8], at: i64) -> std::io::Result<String> {
+    let bad = |e: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the result stored at byte {at} cannot be read ({e}); run with --no-cache to fetch it again"
+            ),
+        )
+    };
+    let raw = lz4_flex::block::decompress_size_prepended(packed).map_err(|e| bad(e.to_string()))?;
+    String::from_utf8(raw).map_err(|e| bad(e.to_string()))
 }
 
 /// A run's event (≈ 2.5 KB of JSON, most of it the research basis) as an LZ4 block after
@@ -904,7 +1006,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn results_are_stored_compressed_and_plain_text_ones_still_read() {
+    async fn results_go_compressed_to_the_log_and_older_ones_are_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.sqlite");
         let json = format!(
@@ -914,44 +1016,106 @@ mod tests {
         {
             let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
             let t = l.task("t", "fp").await.unwrap();
-            t.claim(keys(&["a", "b"])).await.unwrap();
+            t.claim(keys(&["a", "b", "c"])).await.unwrap();
             let a = StoredResult {
                 json: json.clone(),
                 ..done("a", true)
             };
-            t.store_results("tgrp_1", vec![a, done("b", true)])
+            t.store_results("tgrp_1", vec![a, done("b", true), done("c", true)])
                 .await
                 .unwrap();
             l.finish().await.unwrap();
         }
+        // The results are in the log, compressed; the rows say where.
+        let log = std::fs::read(dir.path().join("ledger.results")).unwrap();
         let c = Connection::open(&path).unwrap();
-        let (kind, len): (String, i64) = c
+        let (at, len, id): (i64, i64, Option<i64>) = c
             .query_row(
-                "SELECT typeof(r.json), length(r.json) FROM results r
-                 JOIN runs USING (result_id) WHERE input_key = 'a'",
+                "SELECT result_at, result_len, result_id FROM runs WHERE input_key = 'a'",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap();
-        assert_eq!(kind, "blob");
+        assert_eq!((at, id), (0, None));
         assert!(
             len as usize * 4 < json.len(),
             "{len} bytes stored for {}",
             json.len()
         );
-        // Ledgers written before compression hold plain JSON text.
+        let record = &log[at as usize + 4..(at + len) as usize];
+        assert_eq!(unpack_logged(record, at).unwrap(), json);
+        let none: i64 = c
+            .query_row("SELECT count(*) FROM results", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(none, 0);
+        // Ledgers written before the log hold results in their table: compressed, or
+        // (before compression) plain JSON text.
+        c.execute_batch(
+            "INSERT INTO results (result_id, json) VALUES (7, '{\"k\":\"old\"}');
+             UPDATE runs SET result_id = 7, result_at = NULL, result_len = NULL
+             WHERE input_key = 'b';",
+        )
+        .unwrap();
         c.execute(
-            "UPDATE results SET json = '{\"k\":\"old\"}'
-             WHERE result_id = (SELECT result_id FROM runs WHERE input_key = 'b')",
-            [],
+            "INSERT INTO results (result_id, json) VALUES (8, ?1)",
+            params![pack_result("{\"k\":\"lz4\"}")],
+        )
+        .unwrap();
+        c.execute_batch(
+            "UPDATE runs SET result_id = 8, result_at = NULL, result_len = NULL
+             WHERE input_key = 'c'",
         )
         .unwrap();
         drop(c);
         let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
         let t = l.task("t", "fp").await.unwrap();
-        let r = t.results(keys(&["a", "b"])).await.unwrap();
+        let r = t.results(keys(&["a", "b", "c", "d"])).await.unwrap();
         assert_eq!(r[0].as_deref(), Some(json.as_str()));
         assert_eq!(r[1].as_deref(), Some("{\"k\":\"old\"}"));
+        assert_eq!(r[2].as_deref(), Some("{\"k\":\"lz4\"}"));
+        assert_eq!(r[3], None);
+        assert_eq!(
+            t.claim(keys(&["a", "b", "c"])).await.unwrap(),
+            vec![Claim::Cached; 3]
+        );
+        drop((t, l));
+        // A damaged log is an error that says where, never a wrong result.
+        let mut log = std::fs::read(dir.path().join("ledger.results")).unwrap();
+        log[10] ^= 0xff;
+        std::fs::write(dir.path().join("ledger.results"), log).unwrap();
+        let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        let e = t.results(keys(&["a"])).await.unwrap_err().to_string();
+        assert!(e.contains("ledger.results") && e.contains("byte 0"), "{e}");
+        assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_result_is_read_from_its_new_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let retry = LedgerOptions {
+            retry_failed: true,
+            ..LedgerOptions::default()
+        };
+        for (completed, want) in [(false, "first"), (true, "second")] {
+            let l = Ledger::open(&path, "p", retry).unwrap();
+            let t = l.task("t", "fp").await.unwrap();
+            assert_eq!(t.claim(keys(&["a"])).await.unwrap(), vec![Claim::Submit]);
+            assert_eq!(t.counts().await.unwrap(), (1, 1));
+            let r = StoredResult {
+                json: format!("{{\"k\":\"{want}\"}}"),
+                ..done("a", completed)
+            };
+            t.store_results("tgrp_1", vec![r]).await.unwrap();
+            assert_eq!(t.counts().await.unwrap(), (1, 0));
+            let read = t.results(keys(&["a"])).await.unwrap();
+            assert_eq!(
+                read[0].as_deref(),
+                Some(format!("{{\"k\":\"{want}\"}}").as_str())
+            );
+            l.finish().await.unwrap();
+        }
     }
 
     #[tokio::test]
@@ -1140,7 +1304,7 @@ mod tests {
         let c = Connection::open(&path).unwrap();
         assert_eq!(kinds(&c), now);
         // A ledger from a newer groupflow is refused, not misread.
-        c.execute_batch("PRAGMA user_version = 2").unwrap();
+        c.execute_batch("PRAGMA user_version = 3").unwrap();
         drop(c);
         let e = Ledger::open(&path, "p", LedgerOptions::default()).unwrap_err();
         assert!(e.to_string().contains("newer groupflow"), "{e}");

@@ -1,0 +1,175 @@
+//! The result log: the ledger's results, appended to a file of their own beside the
+//! database.
+//!
+//! A result (a run's event, ≈ 2.5 KB of JSON, ≈ 1.6 KB as an LZ4 block) stored in SQLite
+//! is written twice, first to the write-ahead log and then, at a checkpoint, to the
+//! database, through 1 KB pages with a header and a checksum each, and every checkpoint
+//! also rewrites the key-index pages changed since the last one. Appended here it is
+//! written once; the run's row keeps only where it starts and how long it is.
+//!
+//! A record is the CRC-32 of its payload (4 bytes, little-endian), then the payload: LZ4
+//! blocks carry no checksum of their own, and a damaged one can decode to other text.
+//!
+//! Safety: the bytes of a batch are written and `fdatasync`ed before the transaction that
+//! points at them commits, so no committed row, even after a power loss, points past what
+//! is on disk. A crash between the two leaves unreferenced bytes at the end, which the next
+//! append simply follows. Runs of different pipelines may share a ledger (and this file):
+//! an append holds an exclusive lock on the file while it finds the end and writes there.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The results file of the ledger at `ledger`: `ledger.sqlite` → `ledger.results`.
+pub fn path_for(ledger: &Path) -> PathBuf {
+    ledger.with_extension("results")
+}
+
+/// The checksum before each payload.
+const CRC_BYTES: usize = 4;
+
+pub struct ResultLog {
+    file: File,
+    path: PathBuf,
+    /// Make appends durable before they are referenced (off for throwaway ledgers).
+    sync: bool,
+}
+
+impl ResultLog {
+    pub fn open(path: PathBuf, sync: bool) -> io::Result<ResultLog> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        Ok(ResultLog { file, path, sync })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record per payload, in one write, and returns where each starts and
+    /// its length. They are on disk when this returns.
+    pub fn append(&self, payloads: &[&[u8]]) -> io::Result<Vec<(u64, usize)>> {
+        if payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = payloads.iter().map(|p| CRC_BYTES + p.len()).sum();
+        let mut buf = Vec::with_capacity(size);
+        self.file.lock()?;
+        let written = (|| -> io::Result<Vec<(u64, usize)>> {
+            let start = self.file.metadata()?.len();
+            let mut at = Vec::with_capacity(payloads.len());
+            for p in payloads {
+                at.push((start + buf.len() as u64, CRC_BYTES + p.len()));
+                buf.extend_from_slice(&crc32fast::hash(p).to_le_bytes());
+                buf.extend_from_slice(p);
+            }
+            write_all_at(&self.file, &buf, start)?;
+            if self.sync {
+                self.file.sync_data()?;
+            }
+            Ok(at)
+        })();
+        let unlocked = self.file.unlock();
+        let at = written?;
+        unlocked?;
+        Ok(at)
+    }
+
+    /// The payload of the record of `len` bytes that starts at `at`, checked.
+    pub fn read(&self, at: u64, len: usize) -> io::Result<Vec<u8>> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the result stored at byte {at} {why}; run with --no-cache to fetch it again"
+                ),
+            )
+        };
+        if len < CRC_BYTES {
+            return Err(bad("is shorter than its checksum"));
+        }
+        let mut buf = vec![0; len];
+        read_exact_at(&self.file, &mut buf, at).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => bad("is cut off (the file is shorter)"),
+            _ => e,
+        })?;
+        let payload = buf.split_off(CRC_BYTES);
+        if crc32fast::hash(&payload).to_le_bytes() != buf[..] {
+            return Err(bad("is damaged (its checksum does not match)"));
+        }
+        Ok(payload)
+    }
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, at)
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &File, mut buf: &[u8], mut at: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_write(buf, at)?;
+        buf = &buf[n..];
+        at += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, at)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_follow_the_end_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(&dir.path().join("ledger.sqlite"));
+        assert_eq!(path.file_name().unwrap(), "ledger.results");
+        let a = ResultLog::open(path.clone(), true).unwrap();
+        let at = a.append(&[b"one", b"three"]).unwrap();
+        assert_eq!(at, vec![(0, 7), (7, 9)]);
+        // A second handle (another pipeline sharing the ledger) appends after the first.
+        let b = ResultLog::open(path.clone(), false).unwrap();
+        assert_eq!(b.append(&[b"x"]).unwrap(), vec![(16, 5)]);
+        assert!(a.append(&[]).unwrap().is_empty());
+        assert_eq!(a.read(7, 9).unwrap(), b"three");
+        assert_eq!(a.read(16, 5).unwrap(), b"x");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 21);
+        assert_eq!(&bytes[4..7], b"one");
+        // Past the end, or a flipped bit: an error that says where, never other bytes.
+        let e = a.read(16, 6).unwrap_err().to_string();
+        assert!(e.contains("byte 16") && e.contains("cut off"), "{e}");
+        let mut damaged = bytes.clone();
+        damaged[10] ^= 1;
+        std::fs::write(&path, damaged).unwrap();
+        let e = a.read(7, 9).unwrap_err().to_string();
+        assert!(e.contains("byte 7") && e.contains("checksum"), "{e}");
+        assert_eq!(a.read(0, 7).unwrap(), b"one");
+    }
+}
