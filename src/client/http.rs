@@ -380,6 +380,11 @@ impl Client {
         let path = paths::group_runs(paths::V1, &segment(group_id));
         let endpoint = format!("POST {path}");
         self.acquire_post().await;
+        // Looked at after the rate limiter's wait, the last moment before sending: a run
+        // added after Ctrl-C is a run the user asked not to pay for.
+        if crate::interrupt::requested() {
+            return Err(ClientError::Interrupted { endpoint });
+        }
         let req = self
             .request(Method::POST, &path)
             .query(&[("refresh_status", "false")])

@@ -216,11 +216,6 @@ async fn submit_batch(
             default_task_spec: s.spec.as_deref(),
             inputs: pending.iter().map(|&i| &inputs[i]).collect(),
         })?;
-        // Looked at the last moment before sending: a run added after Ctrl-C is a run the
-        // user asked not to pay for.
-        if crate::interrupt::requested() {
-            return Err(ClientError::Interrupted { endpoint });
-        }
         let err = match client.post_add_runs(&s.group_id, body).await {
             Ok(resp) => {
                 if resp.run_ids.len() != pending.len() {

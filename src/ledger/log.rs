@@ -7,8 +7,11 @@
 //! also rewrites the key-index pages changed since the last one. Appended here it is
 //! written once; the run's row keeps only where it starts and how long it is.
 //!
-//! A record is the CRC-32 of its payload (4 bytes, little-endian), then the payload: LZ4
-//! blocks carry no checksum of their own, and a damaged one can decode to other text.
+//! A record is a CRC-32 (4 bytes, little-endian), then the payload. The CRC covers the
+//! record's *owner* (its task and input key, which the run's row holds) and the payload:
+//! LZ4 blocks carry no checksum of their own, so a damaged one could decode to other text,
+//! and a row that points into a file replaced or cut since (say, restored from an older
+//! copy) would otherwise read another input's result.
 //!
 //! Safety: the bytes of a batch are written and `fdatasync`ed before the transaction that
 //! points at them commits, so no committed row, even after a power loss, points past what
@@ -37,12 +40,23 @@ pub struct ResultLog {
 
 impl ResultLog {
     pub fn open(path: PathBuf, sync: bool) -> io::Result<ResultLog> {
+        let new = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)?;
+        // A new file's name must be on disk too before any row points into it.
+        #[cfg(unix)]
+        if new
+            && sync
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            File::open(dir)?.sync_all()?;
+        }
+        #[cfg(not(unix))]
+        let _ = new;
         Ok(ResultLog { file, path, sync })
     }
 
@@ -50,21 +64,21 @@ impl ResultLog {
         &self.path
     }
 
-    /// Appends one record per payload, in one write, and returns where each starts and
-    /// its length. They are on disk when this returns.
-    pub fn append(&self, payloads: &[&[u8]]) -> io::Result<Vec<(u64, usize)>> {
-        if payloads.is_empty() {
+    /// Appends one record per (owner, payload), in one write, and returns where each
+    /// starts and its length. They are on disk when this returns.
+    pub fn append(&self, records: &[(&[u8], &[u8])]) -> io::Result<Vec<(u64, usize)>> {
+        if records.is_empty() {
             return Ok(Vec::new());
         }
-        let size = payloads.iter().map(|p| CRC_BYTES + p.len()).sum();
+        let size = records.iter().map(|(_, p)| CRC_BYTES + p.len()).sum();
         let mut buf = Vec::with_capacity(size);
         self.file.lock()?;
         let written = (|| -> io::Result<Vec<(u64, usize)>> {
             let start = self.file.metadata()?.len();
-            let mut at = Vec::with_capacity(payloads.len());
-            for p in payloads {
+            let mut at = Vec::with_capacity(records.len());
+            for (owner, p) in records {
                 at.push((start + buf.len() as u64, CRC_BYTES + p.len()));
-                buf.extend_from_slice(&crc32fast::hash(p).to_le_bytes());
+                buf.extend_from_slice(&crc(owner, p).to_le_bytes());
                 buf.extend_from_slice(p);
             }
             write_all_at(&self.file, &buf, start)?;
@@ -79,8 +93,8 @@ impl ResultLog {
         Ok(at)
     }
 
-    /// The payload of the record of `len` bytes that starts at `at`, checked.
-    pub fn read(&self, at: u64, len: usize) -> io::Result<Vec<u8>> {
+    /// The payload of `owner`'s record of `len` bytes that starts at `at`, checked.
+    pub fn read(&self, owner: &[u8], at: u64, len: usize) -> io::Result<Vec<u8>> {
         let bad = |why: &str| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -98,11 +112,21 @@ impl ResultLog {
             _ => e,
         })?;
         let payload = buf.split_off(CRC_BYTES);
-        if crc32fast::hash(&payload).to_le_bytes() != buf[..] {
-            return Err(bad("is damaged (its checksum does not match)"));
+        if crc(owner, &payload).to_le_bytes() != buf[..] {
+            return Err(bad(
+                "is damaged or not this run's (its checksum does not match)",
+            ));
         }
         Ok(payload)
     }
+}
+
+fn crc(owner: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&(owner.len() as u32).to_le_bytes());
+    h.update(owner);
+    h.update(payload);
+    h.finalize()
 }
 
 #[cfg(unix)]
@@ -151,25 +175,28 @@ mod tests {
         let path = path_for(&dir.path().join("ledger.sqlite"));
         assert_eq!(path.file_name().unwrap(), "ledger.results");
         let a = ResultLog::open(path.clone(), true).unwrap();
-        let at = a.append(&[b"one", b"three"]).unwrap();
+        let at = a.append(&[(b"k1", b"one"), (b"k2", b"three")]).unwrap();
         assert_eq!(at, vec![(0, 7), (7, 9)]);
         // A second handle (another pipeline sharing the ledger) appends after the first.
         let b = ResultLog::open(path.clone(), false).unwrap();
-        assert_eq!(b.append(&[b"x"]).unwrap(), vec![(16, 5)]);
+        assert_eq!(b.append(&[(b"k3", b"x")]).unwrap(), vec![(16, 5)]);
         assert!(a.append(&[]).unwrap().is_empty());
-        assert_eq!(a.read(7, 9).unwrap(), b"three");
-        assert_eq!(a.read(16, 5).unwrap(), b"x");
+        assert_eq!(a.read(b"k2", 7, 9).unwrap(), b"three");
+        assert_eq!(a.read(b"k3", 16, 5).unwrap(), b"x");
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 21);
         assert_eq!(&bytes[4..7], b"one");
-        // Past the end, or a flipped bit: an error that says where, never other bytes.
-        let e = a.read(16, 6).unwrap_err().to_string();
+        // Past the end, a flipped bit, or another owner's record: an error that says
+        // where, never other bytes.
+        let e = a.read(b"k3", 16, 6).unwrap_err().to_string();
         assert!(e.contains("byte 16") && e.contains("cut off"), "{e}");
+        let e = a.read(b"k1", 7, 9).unwrap_err().to_string();
+        assert!(e.contains("byte 7") && e.contains("checksum"), "{e}");
         let mut damaged = bytes.clone();
         damaged[10] ^= 1;
         std::fs::write(&path, damaged).unwrap();
-        let e = a.read(7, 9).unwrap_err().to_string();
+        let e = a.read(b"k2", 7, 9).unwrap_err().to_string();
         assert!(e.contains("byte 7") && e.contains("checksum"), "{e}");
-        assert_eq!(a.read(0, 7).unwrap(), b"one");
+        assert_eq!(a.read(b"k1", 0, 7).unwrap(), b"one");
     }
 }

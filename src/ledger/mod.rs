@@ -20,6 +20,7 @@ mod pause;
 
 pub use pause::{PAUSE_ENV, pause_point};
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -812,7 +813,9 @@ impl TaskLedger {
         let me = self.ledger.clone();
         self.ledger
             .blocking(move |c| -> Result<(), Fail> {
-                let tx = c.transaction()?;
+                // Write-locked from the start: another process sharing the ledger cannot
+                // commit between these reads and the writes that depend on them.
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 {
                     // Each run's row is found once by its random-looking input key; the
                     // results it keeps go to the result log in one append, made durable
@@ -821,7 +824,10 @@ impl TaskLedger {
                         "SELECT rowid, attempt, status, result_id, result_at FROM runs
                          WHERE task_id = ?1 AND input_key = ?2",
                     )?;
-                    let mut keep = Vec::with_capacity(results.len());
+                    let mut keep: Vec<(&StoredResult, i64, Option<i64>, Vec<u8>)> =
+                        Vec::with_capacity(results.len());
+                    // Rows already kept in this batch (an input can have two runs).
+                    let mut kept: HashMap<i64, usize> = HashMap::new();
                     for r in &results {
                         type Row = (i64, i64, String, Option<i64>, Option<i64>);
                         let row: Option<Row> = find
@@ -843,9 +849,24 @@ impl TaskLedger {
                         if a != attempt || (stored && st == status::COMPLETED) {
                             continue;
                         }
-                        keep.push((r, row, old_id, pack_result(&r.json)));
+                        let packed = pack_result(&r.json);
+                        match kept.get(&row) {
+                            // The same rule within the batch: a completed result stays.
+                            Some(&i) if keep[i].0.completed => {}
+                            Some(&i) => keep[i] = (r, row, old_id, packed),
+                            None => {
+                                kept.insert(row, keep.len());
+                                keep.push((r, row, old_id, packed));
+                            }
+                        }
                     }
-                    let records: Vec<&[u8]> = keep.iter().map(|k| k.3.as_slice()).collect();
+                    let owners: Vec<Vec<u8>> =
+                        keep.iter().map(|k| owner(task, &k.0.input_key)).collect();
+                    let records: Vec<(&[u8], &[u8])> = owners
+                        .iter()
+                        .zip(&keep)
+                        .map(|(o, k)| (o.as_slice(), k.3.as_slice()))
+                        .collect();
                     let at = me.log.append(&records)?;
                     pause_point("results.logged");
                     let mut link = tx.prepare_cached(
@@ -910,7 +931,7 @@ impl TaskLedger {
                         .optional()?;
                     out.push(match found {
                         Some((Some(at), Some(len), _)) => {
-                            let packed = me.log.read(at as u64, len as usize)?;
+                            let packed = me.log.read(&owner(task, k), at as u64, len as usize)?;
                             Some(unpack_logged(&packed, at)?)
                         }
                         Some((_, _, Some(old))) => old,
@@ -921,6 +942,14 @@ impl TaskLedger {
             })
             .await
     }
+}
+
+/// Whose a record of the result log is: its task and input key.
+fn owner(task: i64, key: &str) -> Vec<u8> {
+    let mut o = Vec::with_capacity(8 + key.len());
+    o.extend_from_slice(&task.to_le_bytes());
+    o.extend_from_slice(key.as_bytes());
+    o
 }
 
 /// A result read from the log as JSON; an error names where its record starts.
@@ -1247,67 +1276,132 @@ mod tests {
         assert_eq!(t.claim(keys(&["a"])).await.unwrap(), vec![Claim::Submit]);
     }
 
-    #[tokio::test]
-    async fn fingerprint_keys_are_stored_as_bytes_and_older_ledgers_are_converted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.sqlite");
-        // The run table as format 0 declared it (keys as text).
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "CREATE TABLE runs (task_id INTEGER NOT NULL, input_key TEXT NOT NULL,
-                   attempt INTEGER NOT NULL, session TEXT NOT NULL, group_id TEXT,
-                   run_id TEXT, status TEXT NOT NULL, result_id INTEGER,
-                   PRIMARY KEY (task_id, input_key))",
-            )
-            .unwrap();
-        let fp = |i: u8| fingerprint(&[i]);
-        let ks = vec![fp(1), fp(2), "plain key".to_string()];
-        {
-            let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
-            let t = l.task("t", "fp").await.unwrap();
-            t.claim(ks.clone()).await.unwrap();
-            let stored = ks.iter().map(|k| done(k, true)).collect();
-            t.store_results("tgrp_1", stored).await.unwrap();
-            l.finish().await.unwrap();
-        }
-        let c = Connection::open(&path).unwrap();
-        let kinds = |c: &Connection| -> Vec<(String, i64)> {
-            let mut s = c
-                .prepare("SELECT typeof(input_key), length(input_key) FROM runs ORDER BY rowid")
-                .unwrap();
-            s.query_map([], |r| Ok((r.get(0).unwrap(), r.get(1).unwrap())))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect()
+    /// A finished ledger as groupflow wrote it before format `format` (0: keys as hex text;
+    /// 1: fingerprint keys as bytes; both: results in the `results` table, one compressed
+    /// and one plain), built with the SQL of those versions.
+    fn legacy_ledger(path: &Path, format: i64, ks: &[String]) {
+        let key = |k: &String| -> rusqlite::types::Value {
+            match (format, fingerprint_bytes(k)) {
+                (1, Some(b)) => b.to_vec().into(),
+                _ => k.clone().into(),
+            }
         };
-        let now = vec![("blob".into(), 16), ("blob".into(), 16), ("text".into(), 9)];
-        assert_eq!(kinds(&c), now);
-        // Back to format 0: every key as its text.
+        let c = Connection::open(path).unwrap();
         c.execute_batch(
-            "UPDATE runs SET input_key = lower(hex(input_key)) WHERE typeof(input_key) = 'blob';
-             PRAGMA user_version = 0;",
+            "PRAGMA page_size = 1024;
+             PRAGMA journal_mode = WAL;
+             CREATE TABLE attempts (attempt INTEGER PRIMARY KEY, pipeline TEXT NOT NULL,
+               session TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT);
+             CREATE TABLE tasks (task_id INTEGER PRIMARY KEY,
+               fingerprint TEXT NOT NULL UNIQUE, name TEXT NOT NULL);
+             CREATE TABLE runs (task_id INTEGER NOT NULL, input_key TEXT NOT NULL,
+               attempt INTEGER NOT NULL, session TEXT NOT NULL, group_id TEXT,
+               run_id TEXT, status TEXT NOT NULL, result_id INTEGER,
+               PRIMARY KEY (task_id, input_key));
+             CREATE TABLE results (result_id INTEGER PRIMARY KEY, json TEXT NOT NULL);
+             CREATE INDEX runs_by_group ON runs(group_id);
+             INSERT INTO attempts VALUES (1, 'p', 's0', 't0', 't1');
+             INSERT INTO tasks VALUES (1, 'fp', 't');",
         )
         .unwrap();
-        assert_eq!(kinds(&c)[0], ("text".into(), 32));
-        drop(c);
-        {
-            // Opening converts it; the earlier results are still found and reused.
-            let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
-            let t = l.task("t", "fp").await.unwrap();
-            let claims = t.claim(ks.clone()).await.unwrap();
-            assert_eq!(claims, vec![Claim::Cached; 3]);
-            let read = t.results(ks.clone()).await.unwrap();
-            assert_eq!(read[1].as_deref(), Some(done(&fp(2), true).json.as_str()));
-            assert!(read.iter().all(Option::is_some));
+        c.execute_batch(&format!("PRAGMA user_version = {format}"))
+            .unwrap();
+        for (i, k) in ks.iter().enumerate() {
+            let json = format!("{{\"k\":\"{k}\"}}");
+            let stored: rusqlite::types::Value = if i % 2 == 0 {
+                pack_result(&json).into()
+            } else {
+                json.into()
+            };
+            c.execute(
+                "INSERT INTO results (result_id, json) VALUES (?1, ?2)",
+                params![i as i64 + 1, stored],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO runs VALUES (1, ?1, 1, 's0', 'tgrp_1', ?2, 'completed', ?3)",
+                params![key(k), format!("trun_{i}"), i as i64 + 1],
+            )
+            .unwrap();
         }
-        let c = Connection::open(&path).unwrap();
-        assert_eq!(kinds(&c), now);
-        // A ledger from a newer groupflow is refused, not misread.
-        c.execute_batch("PRAGMA user_version = 3").unwrap();
-        drop(c);
-        let e = Ledger::open(&path, "p", LedgerOptions::default()).unwrap_err();
-        assert!(e.to_string().contains("newer groupflow"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn older_ledgers_are_converted_and_keep_their_results() {
+        let fp = |i: u8| fingerprint(&[i]);
+        let ks = vec![fp(1), fp(2), "plain key".to_string()];
+        for format in [0, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ledger.sqlite");
+            legacy_ledger(&path, format, &ks);
+            {
+                let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+                let t = l.task("t", "fp").await.unwrap();
+                let more = vec![ks[0].clone(), ks[1].clone(), ks[2].clone(), fp(3)];
+                let claims = t.claim(more.clone()).await.unwrap();
+                assert_eq!(
+                    claims,
+                    [vec![Claim::Cached; 3], vec![Claim::Submit]].concat(),
+                    "format {format}"
+                );
+                t.store_results("tgrp_2", vec![done(&fp(3), true)])
+                    .await
+                    .unwrap();
+                let read = t.results(more).await.unwrap();
+                for (k, r) in ks.iter().chain([&fp(3)]).zip(&read) {
+                    let want = format!("{{\"k\":\"{k}\"}}");
+                    assert_eq!(r.as_deref(), Some(want.as_str()), "format {format}");
+                }
+            }
+            let c = Connection::open(&path).unwrap();
+            let kinds: Vec<(String, i64)> = c
+                .prepare("SELECT typeof(input_key), length(input_key) FROM runs ORDER BY rowid")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let blob = ("blob".to_string(), 16);
+            let want = vec![blob.clone(), blob.clone(), ("text".into(), 9), blob];
+            assert_eq!(kinds, want, "format {format}");
+            let (version, index): (i64, i64) = c
+                .query_row(
+                    "SELECT (SELECT user_version FROM pragma_user_version),
+                       (SELECT count(*) FROM sqlite_master WHERE name = 'runs_by_group')",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!((version, index), (FORMAT, 0), "format {format}");
+            // A ledger from a newer groupflow is refused, not misread.
+            c.execute_batch(&format!("PRAGMA user_version = {}", FORMAT + 1))
+                .unwrap();
+            drop(c);
+            let e = Ledger::open(&path, "p", LedgerOptions::default()).unwrap_err();
+            assert!(e.to_string().contains("newer groupflow"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn two_runs_of_one_input_in_one_batch_keep_the_completed_result() {
+        let l = Ledger::temporary().unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        t.claim(keys(&["a", "b"])).await.unwrap();
+        let with = |key: &str, completed: bool, text: &str| StoredResult {
+            json: format!("{{\"k\":\"{text}\"}}"),
+            ..done(key, completed)
+        };
+        let batch = vec![
+            with("a", true, "a won"),
+            with("a", false, "a lost"),
+            with("b", false, "b lost"),
+            with("b", true, "b won"),
+        ];
+        t.store_results("tgrp_1", batch).await.unwrap();
+        let read = t.results(keys(&["a", "b"])).await.unwrap();
+        assert_eq!(read[0].as_deref(), Some("{\"k\":\"a won\"}"));
+        assert_eq!(read[1].as_deref(), Some("{\"k\":\"b won\"}"));
+        assert_eq!(t.counts().await.unwrap(), (2, 0));
     }
 
     #[test]
