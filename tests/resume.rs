@@ -144,9 +144,20 @@ outputs:
 }
 
 fn run_command(dir: &Path, server: &Serve, args: &[&str], env: &[(&str, &str)]) -> Command {
+    pipeline_command(dir, server, "research.yaml", args, env)
+}
+
+/// `groupflow run` of the pipeline file `pipeline` in `dir`.
+fn pipeline_command(
+    dir: &Path,
+    server: &Serve,
+    pipeline: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
-        .args(["--progress", "lines", "research.yaml"])
+        .args(["--progress", "lines", pipeline])
         .args(args)
         .current_dir(dir);
     for k in AMBIENT {
@@ -692,6 +703,50 @@ fn faults_in_the_api_cost_no_extra_runs_and_lose_no_rows() {
     assert_all_completed(&enriched);
     let run_ids: BTreeSet<Option<String>> = strings(&enriched, "run_id").into_iter().collect();
     assert_eq!(run_ids.len(), rows, "10,000 distinct results");
+}
+
+#[test]
+fn two_pipelines_share_a_state_directory_and_its_ledger_at_the_same_time() {
+    // Two pipelines beside each other share `.groupflow/` (one ledger, one results file).
+    // The second runs its task on another processor, so the two tasks differ.
+    let dir = project("core", 0.1);
+    let yaml = std::fs::read_to_string(dir.path().join("research.yaml")).unwrap();
+    let other = yaml
+        .replace("name: research\n", "name: other\n")
+        .replace("processor: core", "processor: base")
+        .replace("out/", "out2/");
+    assert_ne!(other, yaml);
+    std::fs::write(dir.path().join("other.yaml"), other).unwrap();
+    let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
+    let spawn = |file: &str| {
+        pipeline_command(dir.path(), &server, file, &[], &[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("research.yaml"), spawn("other.yaml"));
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    }
+    assert_complete_output(dir.path());
+    let path = dir.path().join("out2/enriched.parquet");
+    let file = File::open(&path).unwrap();
+    let rows: usize = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| {
+            let b = b.unwrap();
+            assert_all_completed(&b);
+            b.num_rows()
+        })
+        .sum();
+    assert_eq!(rows, ROWS);
+    // Each pipeline paid once per distinct input of its own task.
+    assert_eq!(server.runs().0, 2 * DISTINCT as u64);
+    assert!(dir.path().join(".groupflow/ledger.results").exists());
 }
 
 #[test]

@@ -350,9 +350,27 @@ impl Ledger {
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        // Switching a new database to WAL takes its lock without waiting on the busy
+        // timeout: two pipelines opening a new shared ledger at once can see "database is
+        // locked" here, so that is tried again for as long as the timeout would wait.
+        let started = std::time::Instant::now();
+        loop {
+            match conn.execute_batch(SCHEMA) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && started.elapsed() < std::time::Duration::from_secs(30) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                done => break done.map_err(err)?,
+            }
+        }
         let session = uuid::Uuid::new_v4().simple().to_string();
-        let tx = conn.transaction().map_err(err)?;
+        // Write-locked from the start (reads, then writes): a deferred transaction would
+        // fail at once, not wait, when another pipeline sharing the ledger commits between.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         let format: i64 = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(err)?;
