@@ -182,6 +182,9 @@ CREATE TABLE IF NOT EXISTS outputs (
 );
 ";
 
+/// How long a ledger operation waits for another process sharing the ledger.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The ledger's format, kept in `PRAGMA user_version`. Format 1 stores input keys that are
 /// fingerprints as their 16 bytes (format 0 stored them as hex text); format 2 appends
 /// results to the result log instead of the `results` table (whose rows are still read).
@@ -348,8 +351,7 @@ impl Ledger {
             source,
         };
         let mut conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))
-            .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // Switching a new database to WAL takes its lock without waiting on the busy
         // timeout: two pipelines opening a new shared ledger at once can see "database is
         // locked" here, so that is tried again for as long as the timeout would wait.
@@ -358,7 +360,7 @@ impl Ledger {
             match conn.execute_batch(SCHEMA) {
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::DatabaseBusy
-                        && started.elapsed() < std::time::Duration::from_secs(30) =>
+                        && started.elapsed() < BUSY_TIMEOUT =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -385,15 +387,7 @@ impl Ledger {
         if format < 1 {
             tx.execute(TO_FORMAT_1, []).map_err(err)?;
         }
-        let has_log_columns: bool = tx
-            .query_row(
-                "SELECT count(*) = 2 FROM pragma_table_info('runs')
-                 WHERE name IN ('result_at', 'result_len')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(err)?;
-        if format < 2 && !has_log_columns {
+        if format < 2 {
             tx.execute_batch(TO_FORMAT_2).map_err(err)?;
         }
         if format < FORMAT {
@@ -937,14 +931,10 @@ impl TaskLedger {
                 )?;
                 let mut out = Vec::with_capacity(keys.len());
                 for k in &keys {
-                    type Found = (Option<i64>, Option<i64>, Option<Option<String>>);
+                    type Found = (Option<i64>, Option<i64>, Option<String>);
                     let found: Option<Found> = s
                         .query_row(params![task, DbKey::new(k)], |r| {
-                            let old = match r.get_ref(2)? {
-                                rusqlite::types::ValueRef::Null => None,
-                                v => Some(unpack_result(v)?),
-                            };
-                            Ok((r.get(0)?, r.get(1)?, old))
+                            Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
                         })
                         .optional()?;
                     out.push(match found {
@@ -952,8 +942,8 @@ impl TaskLedger {
                             let packed = me.log.read(&owner(task, k), at as u64, len as usize)?;
                             Some(unpack_logged(&packed, at)?)
                         }
-                        Some((_, _, Some(old))) => old,
-                        _ => None,
+                        Some((_, _, old)) => old,
+                        None => None,
                     });
                 }
                 Ok(out)
@@ -972,23 +962,27 @@ fn owner(task: i64, key: &str) -> Vec<u8> {
 
 /// A result read from the log as JSON; an error names where its record starts.
 fn unpack_logged(packed: &[u8], at: i64) -> std::io::Result<String> {
-    let bad = |e: String| {
+    unpack(packed).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
                 "the result stored at byte {at} cannot be read ({e}); run with --no-cache to fetch it again"
             ),
         )
-    };
-    let raw = lz4_flex::block::decompress_size_prepended(packed).map_err(|e| bad(e.to_string()))?;
-    String::from_utf8(raw).map_err(|e| bad(e.to_string()))
+    })
 }
 
 /// A run's event (≈ 2.5 KB of JSON, most of it the research basis) as an LZ4 block after
-/// its length: about 2.5× smaller, and every byte the ledger stores is written twice (WAL,
-/// then the database). zstd shrinks it more but costs 5× the CPU on events this small.
+/// its length: about 2.5× smaller, which is what the result log has to write and read.
+/// zstd shrinks it more but costs 5× the CPU on events this small.
 fn pack_result(json: &str) -> Vec<u8> {
     lz4_flex::block::compress_prepend_size(json.as_bytes())
+}
+
+/// The JSON a [`pack_result`] block holds.
+fn unpack(packed: &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let raw = lz4_flex::block::decompress_size_prepended(packed)?;
+    Ok(String::from_utf8(raw)?)
 }
 
 /// A stored result as JSON: compressed (a BLOB) or, from older ledgers, plain text.
@@ -1002,13 +996,7 @@ fn unpack_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::Result<Option<St
         ValueRef::Text(t) => String::from_utf8(t.to_vec())
             .map(Some)
             .map_err(|e| bad(Box::new(e))),
-        ValueRef::Blob(b) => {
-            let raw =
-                lz4_flex::block::decompress_size_prepended(b).map_err(|e| bad(Box::new(e)))?;
-            String::from_utf8(raw)
-                .map(Some)
-                .map_err(|e| bad(Box::new(e)))
-        }
+        ValueRef::Blob(b) => unpack(b).map(Some).map_err(bad),
         other => Err(rusqlite::Error::FromSqlConversionFailure(
             0,
             other.data_type(),
