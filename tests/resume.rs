@@ -745,6 +745,67 @@ fn two_pipelines_share_a_state_directory_and_its_ledger_at_the_same_time() {
 }
 
 #[test]
+fn a_pipeline_never_pays_again_for_inputs_another_pipeline_has_pending() {
+    // `other` runs the same task on the same rows under another name, beside `research`:
+    // same state directory, so the same ledger. An input `research` has submitted and not
+    // yet got back must not be paid for again, whether `research` is still running or
+    // was interrupted; its results are reused once it has finished.
+    let dir = project("core", 0.1);
+    let yaml = std::fs::read_to_string(dir.path().join("research.yaml")).unwrap();
+    let other = yaml
+        .replace("name: research\n", "name: other\n")
+        .replace("out/", "out2/");
+    std::fs::write(dir.path().join("other.yaml"), other).unwrap();
+    let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
+    let run_other = || {
+        pipeline_command(dir.path(), &server, "other.yaml", &[], &[])
+            .output()
+            .unwrap()
+    };
+    let refused = |out: &Output, what: &str| {
+        assert_eq!(out.status.code(), Some(1), "{}", show(out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(what), "{err}");
+        assert!(err.contains("row "), "the row is named: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
+        assert!(!dir.path().join("out2").exists());
+    };
+    // Stopped with its first batch added: it holds its lock, its claims are pending.
+    let (mut first, stderr, _) = start_paused(dir.path(), &server, "runs.added:1");
+    assert!(server.runs().0 > 0);
+    refused(
+        &run_other(),
+        ": its input is being run right now by pipeline research",
+    );
+    // Killed there, it is interrupted: its claims wait for it to be run again.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    drop(stderr);
+    refused(
+        &run_other(),
+        ": its input was submitted by pipeline research, whose run was interrupted",
+    );
+    assert!(
+        server.repeated_inputs().is_empty(),
+        "no input submitted twice"
+    );
+    // research resumes and ends; other then takes every result from the ledger.
+    run_ok(dir.path(), &server, &[]);
+    assert_complete_output(dir.path());
+    let out = run_other();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mine = enriched_at(dir.path(), "out2/enriched.parquet");
+    assert_eq!(mine.num_rows(), ROWS);
+    assert_all_completed(&mine);
+    assert_eq!(
+        without_run_ids(&mine),
+        without_run_ids(&enriched(dir.path()))
+    );
+    assert_eq!(server.runs().0, DISTINCT as u64, "each input paid for once");
+    assert!(server.repeated_inputs().is_empty());
+}
+
+#[test]
 fn two_runs_of_one_pipeline_cannot_share_a_state_directory() {
     let dir = project("core", 0.1);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);

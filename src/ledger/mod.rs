@@ -13,7 +13,9 @@
 //! key in an attempt submits it; later claims share its run (dedup, and resume after a
 //! crash); a finished result from an earlier attempt is reused (the result cache). A claim
 //! is written before its POST, so after a crash the attempt's group is read back and
-//! [`TaskLedger::reconcile`] keeps exactly the claims the server has.
+//! [`TaskLedger::reconcile`] keeps exactly the claims the server has. Pipelines sharing a
+//! state directory share its ledger: an input pending in another pipeline's unfinished run
+//! of the same task is refused rather than paid for twice.
 
 mod log;
 mod pause;
@@ -47,6 +49,30 @@ pub enum LedgerError {
         pipeline: String,
         lock: PathBuf,
     },
+    /// An input of this task is pending in another pipeline's unfinished run: submitting
+    /// it again would pay for it twice (see [`TaskLedger::claim`]).
+    #[error("ledger {path}: input {key} {}", pending_elsewhere(pipeline, *running))]
+    Pending {
+        path: PathBuf,
+        key: String,
+        /// The other pipeline.
+        pipeline: String,
+        /// True when that pipeline is running now; false when its run was interrupted.
+        running: bool,
+    },
+}
+
+/// Why an input pending in `pipeline` is not submitted again, and what to do.
+pub fn pending_elsewhere(pipeline: &str, running: bool) -> String {
+    if running {
+        format!(
+            "is being run right now by pipeline {pipeline} (the same task, in the same state directory): run this pipeline again once that one has ended, and it reuses those results"
+        )
+    } else {
+        format!(
+            "was submitted by pipeline {pipeline}, whose run was interrupted before the result came back: run {pipeline} again to finish it (this pipeline then reuses its results), or pass --no-cache to submit the input again"
+        )
+    }
 }
 
 /// How earlier results are used.
@@ -298,10 +324,7 @@ impl Ledger {
         pipeline: &str,
         options: LedgerOptions,
     ) -> Result<Arc<Ledger>, LedgerError> {
-        let lock_path = path.with_file_name(format!(
-            "ledger-{}.lock",
-            &fingerprint(pipeline.as_bytes())[..16]
-        ));
+        let lock_path = lock_path(path, pipeline);
         let lock = File::create(&lock_path).map_err(|e| LedgerError::Io {
             path: path.to_path_buf(),
             message: format!("lock {}: {e}", lock_path.display()),
@@ -540,6 +563,16 @@ impl Ledger {
                     path: me.log.path().to_path_buf(),
                     message: e.to_string(),
                 },
+                Fail::Pending {
+                    key,
+                    pipeline,
+                    running,
+                } => LedgerError::Pending {
+                    path: me.path.clone(),
+                    key,
+                    pipeline,
+                    running,
+                },
             })
         })
         .await
@@ -550,10 +583,33 @@ impl Ledger {
     }
 }
 
-/// What went wrong inside [`Ledger::blocking`]: the database or the result log.
+/// The lock a run of `pipeline` holds beside the ledger at `path` while it runs.
+fn lock_path(path: &Path, pipeline: &str) -> PathBuf {
+    path.with_file_name(format!(
+        "ledger-{}.lock",
+        &fingerprint(pipeline.as_bytes())[..16]
+    ))
+}
+
+/// True while a run of `pipeline` holds its lock beside the ledger at `path`.
+fn running(path: &Path, pipeline: &str) -> bool {
+    let Ok(lock) = File::open(lock_path(path, pipeline)) else {
+        return false;
+    };
+    // Taken here means nobody holds it; it is let go again when `lock` is dropped.
+    matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// What went wrong inside [`Ledger::blocking`]: the database, the result log, or a claim
+/// of an input pending elsewhere.
 enum Fail {
     Sql(rusqlite::Error),
     Log(std::io::Error),
+    Pending {
+        key: String,
+        pipeline: String,
+        running: bool,
+    },
 }
 
 impl From<rusqlite::Error> for Fail {
@@ -699,13 +755,23 @@ impl TaskLedger {
 
     /// Claims one row per key, in order (see [`Claim`]). New claims are written before
     /// this returns, so they survive a crash that follows.
+    ///
+    /// Pipelines sharing a state directory share the ledger, so an input may already be
+    /// claimed by another pipeline's unfinished run of the same task. Its result is
+    /// reused once there is one; before that, taking the claim over would pay for the
+    /// input twice (and, while the other pipeline runs, leave its row without a result),
+    /// so [`LedgerError::Pending`] is returned instead and nothing of this call is kept.
+    /// An interrupted pipeline's pending claims are taken over only with `no_cache`.
     pub async fn claim(&self, keys: Vec<String>) -> Result<Vec<Claim>, LedgerError> {
         let l = &self.ledger;
         let (attempt, task, session, options) =
             (l.attempt, self.task_id, l.session.clone(), l.options);
+        let path = l.path.clone();
         let claims = self
             .ledger
-            .blocking(move |c| -> rusqlite::Result<_> {
+            .blocking(move |c| -> Result<_, Fail> {
+                // Other attempts met: (pipeline, running now), or None when finished.
+                let mut others: HashMap<i64, Option<(String, bool)>> = HashMap::new();
                 let tx = c.transaction()?;
                 let mut claims = Vec::with_capacity(keys.len());
                 {
@@ -752,6 +818,37 @@ impl TaskLedger {
                         } else {
                             Claim::Submit
                         };
+                        if claim == Claim::Submit && a != attempt {
+                            let other = match others.get(&a) {
+                                Some(o) => o.clone(),
+                                None => {
+                                    let o = tx
+                                        .query_row(
+                                            "SELECT pipeline FROM attempts
+                                             WHERE attempt = ?1 AND finished_at IS NULL",
+                                            params![a],
+                                            |r| r.get::<_, String>(0),
+                                        )
+                                        .optional()?
+                                        .map(|p| {
+                                            let live = running(&path, &p);
+                                            (p, live)
+                                        });
+                                    others.insert(a, o.clone());
+                                    o
+                                }
+                            };
+                            let pending = st == status::QUEUED || st == status::SUBMITTED;
+                            if let Some((pipeline, live)) = other
+                                && (live || (pending && !options.no_cache))
+                            {
+                                return Err(Fail::Pending {
+                                    key: key.clone(),
+                                    pipeline,
+                                    running: live,
+                                });
+                            }
+                        }
                         if claim == Claim::Submit {
                             if let Some(old) = old {
                                 drop_result.execute(params![old])?;
@@ -1280,6 +1377,72 @@ mod tests {
         let l = Ledger::open(&path, "other pipeline", no_cache).unwrap();
         let t = l.task("t", "fp").await.unwrap();
         assert_eq!(t.claim(keys(&["a"])).await.unwrap(), vec![Claim::Submit]);
+    }
+
+    #[tokio::test]
+    async fn inputs_pending_in_another_pipeline_are_not_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let opts = LedgerOptions::default();
+        let a = Ledger::open(&path, "a", opts).unwrap();
+        let ta = a.task("t", "fp").await.unwrap();
+        ta.claim(keys(&["x", "y"])).await.unwrap();
+        ta.store_results("tgrp_a", vec![done("y", true)])
+            .await
+            .unwrap();
+        let pending = |r: Result<Vec<Claim>, LedgerError>| match r {
+            Err(LedgerError::Pending {
+                key,
+                pipeline,
+                running,
+                ..
+            }) => (key, pipeline, running),
+            other => panic!("expected a pending input, got {other:?}"),
+        };
+        let b = Ledger::open(&path, "b", opts).unwrap();
+        let tb = b.task("t", "fp").await.unwrap();
+        // y has its result: reused. x is pending in a, which is running.
+        assert_eq!(tb.claim(keys(&["y"])).await.unwrap(), vec![Claim::Cached]);
+        let (key, pipeline, running) = pending(tb.claim(keys(&["z", "x"])).await);
+        assert_eq!((key.as_str(), pipeline.as_str(), running), ("x", "a", true));
+        // Nothing of the refused call was kept: z is still new to this run.
+        assert_eq!(tb.claim(keys(&["z"])).await.unwrap(), vec![Claim::Submit]);
+        // A run that is going on is never taken over, not even to submit everything again.
+        drop((tb, b));
+        let no_cache = LedgerOptions {
+            no_cache: true,
+            ..opts
+        };
+        let b = Ledger::open(&path, "b", no_cache).unwrap();
+        let tb = b.task("t", "fp").await.unwrap();
+        assert!(pending(tb.claim(keys(&["x"])).await).2);
+        drop((tb, b));
+        // a is interrupted: its pending input waits for it, unless the cache is off.
+        drop((ta, a));
+        let b = Ledger::open(&path, "b", opts).unwrap();
+        let tb = b.task("t", "fp").await.unwrap();
+        let (key, pipeline, running) = pending(tb.claim(keys(&["x"])).await);
+        assert_eq!(
+            (key.as_str(), pipeline.as_str(), running),
+            ("x", "a", false)
+        );
+        let err = LedgerError::Pending {
+            path: path.clone(),
+            key,
+            pipeline,
+            running,
+        };
+        assert!(err.to_string().contains("run a again"), "{err}");
+        drop((tb, b));
+        let b = Ledger::open(&path, "b", no_cache).unwrap();
+        let tb = b.task("t", "fp").await.unwrap();
+        assert_eq!(tb.claim(keys(&["x"])).await.unwrap(), vec![Claim::Submit]);
+        // Another task's inputs are its own.
+        let other = b.task("t", "fp2").await.unwrap();
+        assert_eq!(
+            other.claim(keys(&["x"])).await.unwrap(),
+            vec![Claim::Submit]
+        );
     }
 
     /// A finished ledger as groupflow wrote it before format `format` (0: keys as hex text;

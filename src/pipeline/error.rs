@@ -63,7 +63,8 @@ impl RunError {
                         ..
                     } => RunError::Data(text),
                     EnrichError::Submit {
-                        source: SubmitError::Spill(_) | SubmitError::Ledger(_),
+                        source:
+                            SubmitError::Spill(_) | SubmitError::Ledger(_) | SubmitError::Pending { .. },
                         ..
                     }
                     | EnrichError::Ledger { .. }

@@ -48,6 +48,13 @@ pub enum SubmitError {
     },
     #[error("group {group_id}: {message}")]
     Inconsistent { group_id: String, message: String },
+    /// The row's input is pending in another pipeline sharing the ledger.
+    #[error("row {row}: its input {}", crate::ledger::pending_elsewhere(pipeline, *running))]
+    Pending {
+        row: u64,
+        pipeline: String,
+        running: bool,
+    },
 }
 
 impl SubmitError {
@@ -299,7 +306,23 @@ async fn produce(
                 .iter()
                 .map(|i| row_key_of(i).unwrap_or_default())
                 .collect();
-            let claims = ledger.claim(slice_keys.clone()).await?;
+            let claims = match ledger.claim(slice_keys.clone()).await {
+                Ok(c) => c,
+                Err(LedgerError::Pending {
+                    key,
+                    pipeline,
+                    running,
+                    ..
+                }) => {
+                    let at = slice_keys.iter().position(|k| *k == key).unwrap_or(0);
+                    return Err(SubmitError::Pending {
+                        row: first + (offset + at) as u64,
+                        pipeline,
+                        running,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
             keys.extend(slice_keys);
             {
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
