@@ -720,6 +720,137 @@ fn a_failing_output_commits_no_output_at_all() {
     assert!(written.is_empty(), "{written:?}");
 }
 
+/// `groupflow run` of `pipeline` in `dir` on the embedded server, stderr piped and read
+/// line by line until a line holds `until`; returns the child and its stderr.
+fn spawn_until(
+    dir: &Path,
+    pipeline: &str,
+    env: &[(&str, &str)],
+    until: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--progress", "lines", pipeline])
+        .current_dir(dir);
+    for k in AMBIENT {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains(until) {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!(
+                "{pipeline} ended ({}) before `{until}`:\n{seen}",
+                child.wait().unwrap()
+            );
+        }
+        seen.push_str(&line);
+    }
+    (child, stderr)
+}
+
+/// Kills the process when dropped before it was waited for (a failed test leaves no
+/// stopped process behind).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads the rest of `stderr` and waits for `child`; returns its exit code and stderr.
+fn finish(
+    mut child: std::process::Child,
+    mut stderr: BufReader<std::process::ChildStderr>,
+) -> (Option<i32>, String) {
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    (child.wait().unwrap().code(), rest)
+}
+
+#[test]
+fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
+    // Both pipelines keep their state in the same `.groupflow/`, so their embedded servers
+    // would share one database. The first stops itself with its runs added; the second
+    // waits for it instead of starting a second server on that database.
+    let dir = examples();
+    let (first, first_err) = spawn_until(
+        dir.path(),
+        "company_research.yaml",
+        &[("GROUPFLOW_PAUSE_AT", "runs.added:1")],
+        "groupflow: paused at runs.added:1",
+    );
+    let mut first = KillOnDrop(Some(first));
+    let (second, second_err) = spawn_until(
+        dir.path(),
+        "funding_rounds.yaml",
+        &[],
+        "waiting for another run in this state directory to end",
+    );
+    let first = first.0.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-CONT", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, err) = finish(first, first_err);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = finish(second, second_err);
+    assert_eq!(code, Some(0), "{err}");
+    let enriched = read_parquet(&dir.path().join("out/companies_enriched.parquet"));
+    assert_eq!(rows(&enriched), 24);
+    assert!(
+        strings(&enriched, "run_status")
+            .iter()
+            .all(|s| s.as_deref() == Some("completed"))
+    );
+    let profiles = read_parquet(&dir.path().join("out/startup_profiles.parquet"));
+    assert_eq!(rows(&profiles), 12);
+}
+
+#[test]
+fn a_second_server_on_one_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite");
+    let db_arg = db.display().to_string();
+    let _first = Serve::start(&["--db", &db_arg]);
+    let mut second = Command::new(BIN)
+        .args(["serve", "--db", &db_arg, "--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Refused at once; one still running after 30 s is serving the same database.
+    let started = std::time::Instant::now();
+    while second.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            second.kill().unwrap();
+            panic!("a second server started on {db_arg}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot open the state database {db_arg}: another groupflow server is using it"
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_step_read_twice_submits_its_runs_once() {
     let dir = examples();

@@ -210,9 +210,25 @@ impl Api {
             db: Some(db.clone()),
             ..ServerConfig::default()
         };
-        let handle = server::start(config)
-            .await
-            .map_err(|e| RunError::Config(format!("embedded server: {e}")))?;
+        // Pipelines beside each other share the state directory and its server database,
+        // which one server uses at a time: this one waits for the other run to end.
+        let mut waiting = false;
+        let handle = loop {
+            match server::start(config.clone()).await {
+                Ok(h) => break h,
+                Err(e) if e.is_in_use() => {
+                    if !waiting {
+                        waiting = true;
+                        eprintln!(
+                            "groupflow: waiting for another run in this state directory to end: its embedded server is using {}",
+                            db.display()
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(RunError::Config(format!("embedded server: {e}"))),
+            }
+        };
         let base_url = handle.base_url();
         let client = Client::new(ClientConfig::new(base_url.clone()))
             .map_err(|e| RunError::Config(e.to_string()))?;

@@ -48,6 +48,19 @@ pub enum ServerError {
     Serve(std::io::Error),
 }
 
+impl ServerError {
+    /// True when another server holds the state database (see [`start`]).
+    pub fn is_in_use(&self) -> bool {
+        matches!(
+            self,
+            ServerError::Store {
+                source: store::StoreError::InUse(_),
+                ..
+            }
+        )
+    }
+}
+
 /// A running server. Dropping it asks the server to stop; [`ServerHandle::shutdown`] also
 /// waits until it has.
 pub struct ServerHandle {
@@ -120,7 +133,9 @@ fn check(config: &ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Opens the state, binds the address and starts serving and scheduling.
+/// Opens the state, binds the address and starts serving and scheduling. A state database
+/// is used by one server at a time: while another holds it, this fails at once (see
+/// [`ServerError::is_in_use`]).
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     check(&config)?;
     let db = config.db.clone();

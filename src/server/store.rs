@@ -28,6 +28,15 @@ pub enum StoreError {
     TempDir(#[from] std::io::Error),
     #[error("the store's lock was poisoned by a panic")]
     Poisoned,
+    /// Another server has the database open: two schedulers on one database would run
+    /// each other's runs, and neither would tell its streams.
+    #[error("another groupflow server is using it (it holds {})", .0.display())]
+    InUse(std::path::PathBuf),
+    #[error("lock {}: {source}", .path.display())]
+    Lock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How much of the database file connections read through a memory map.
@@ -217,6 +226,8 @@ pub struct Store {
     writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
+    // Held while the store is open (see `StoreError::InUse`).
+    _lock: Option<std::fs::File>,
     // Keeps the temporary database alive when no file was given.
     _temp: Option<tempfile::TempDir>,
 }
@@ -224,6 +235,26 @@ pub struct Store {
 struct Writer {
     conn: Connection,
     last_status_event: HashMap<i64, Instant>,
+}
+
+/// Takes the lock of the database at `path` (`<path>.lock`, beside it), held until the
+/// returned file is dropped.
+fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let file = std::fs::File::create(&lock_path).map_err(|source| StoreError::Lock {
+        path: lock_path.clone(),
+        source,
+    })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(lock_path)),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Lock {
+            path: lock_path,
+            source,
+        }),
+    }
 }
 
 fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
@@ -254,6 +285,7 @@ impl Store {
                 (dir.path().join("state.sqlite"), Some(dir), false)
             }
         };
+        let lock = if durable { Some(lock(&path)?) } else { None };
         let conn = open_conn(&path, durable)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
@@ -263,6 +295,7 @@ impl Store {
             }),
             readers: Mutex::new(Vec::new()),
             path,
+            _lock: lock,
             _temp: temp,
         })
     }
