@@ -549,53 +549,22 @@ impl Store {
         let now = crate::api::now_rfc3339();
         self.with_writer(|w| {
             let tx = w.conn.transaction()?;
-            let claimed = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT r.seq, r.gseq, r.processor, r.input, r.spec_id, s.json
-                     FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
-                     WHERE r.status = 0 ORDER BY r.seq LIMIT ?1",
-                )?;
-                let rows = stmt.query_map([n as i64], claimed_from_row)?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            if claimed.is_empty() {
-                return Ok(claimed);
+            let claimed = claim_in(&tx, n, &now)?;
+            if !claimed.is_empty() {
+                tx.commit()?;
             }
-            let mut per_group: HashMap<i64, i64> = HashMap::new();
-            {
-                let mut update = tx.prepare_cached(
-                    "UPDATE runs SET status = 2, modified_at = ?2 WHERE seq = ?1",
-                )?;
-                let mut event = tx.prepare_cached(
-                    "INSERT INTO events (gseq, run_seq, status, at) VALUES (?1, ?2, 2, ?3)",
-                )?;
-                for c in &claimed {
-                    update.execute(params![c.seq, now])?;
-                    if let Some(g) = c.gseq {
-                        event.execute(params![g, c.seq, now])?;
-                        *per_group.entry(g).or_default() += 1;
-                    }
-                }
-            }
-            {
-                let mut update = tx.prepare_cached(
-                    "UPDATE groups SET n_queued = n_queued - ?2, n_running = n_running + ?2,
-                     modified_at = ?3 WHERE gseq = ?1",
-                )?;
-                for (g, k) in &per_group {
-                    update.execute(params![g, k, now])?;
-                }
-            }
-            tx.commit()?;
             Ok(claimed)
         })
     }
 
-    /// Records finished runs in one transaction; groups that became inactive get a final
-    /// `task_group_status` event, active ones one at most every [`STATUS_EVENT_EVERY`].
-    pub fn finish(&self, finished: &[Finished]) -> Result<(), StoreError> {
+    /// Records finished runs and then claims up to `claim` queued runs (see
+    /// [`Store::claim`]), in one transaction: each commit rewrites every page it touched,
+    /// so the slots the finished runs free are refilled in the same one. Groups that became
+    /// inactive get a final `task_group_status` event, active ones one at most every
+    /// [`STATUS_EVENT_EVERY`].
+    pub fn finish(&self, finished: &[Finished], claim: usize) -> Result<Vec<Claimed>, StoreError> {
         if finished.is_empty() {
-            return Ok(());
+            return self.claim(claim);
         }
         let now = crate::api::now_rfc3339();
         self.with_writer(|w| {
@@ -655,12 +624,17 @@ impl Store {
                     w.last_status_event.insert(*g, Instant::now());
                 }
             }
+            let claimed = if claim > 0 {
+                claim_in(&tx, claim, &now)?
+            } else {
+                Vec::new()
+            };
             tx.commit()?;
             if w.last_status_event.len() > 10_000 {
                 w.last_status_event
                     .retain(|_, t| t.elapsed() < STATUS_EVENT_EVERY);
             }
-            Ok(())
+            Ok(claimed)
         })
     }
 
@@ -782,6 +756,51 @@ impl Store {
             Ok(page)
         })
     }
+}
+
+/// Moves up to `n` queued runs, oldest first, to `running`, within `tx`.
+fn claim_in(
+    tx: &rusqlite::Transaction<'_>,
+    n: usize,
+    now: &str,
+) -> Result<Vec<Claimed>, StoreError> {
+    let claimed = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT r.seq, r.gseq, r.processor, r.input, r.spec_id, s.json
+             FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
+             WHERE r.status = 0 ORDER BY r.seq LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([n as i64], claimed_from_row)?;
+        rows.collect::<Result<Vec<_>, _>>()?
+    };
+    if claimed.is_empty() {
+        return Ok(claimed);
+    }
+    let mut per_group: HashMap<i64, i64> = HashMap::new();
+    {
+        let mut update =
+            tx.prepare_cached("UPDATE runs SET status = 2, modified_at = ?2 WHERE seq = ?1")?;
+        let mut event = tx.prepare_cached(
+            "INSERT INTO events (gseq, run_seq, status, at) VALUES (?1, ?2, 2, ?3)",
+        )?;
+        for c in &claimed {
+            update.execute(params![c.seq, now])?;
+            if let Some(g) = c.gseq {
+                event.execute(params![g, c.seq, now])?;
+                *per_group.entry(g).or_default() += 1;
+            }
+        }
+    }
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE groups SET n_queued = n_queued - ?2, n_running = n_running + ?2,
+             modified_at = ?3 WHERE gseq = ?1",
+        )?;
+        for (g, k) in &per_group {
+            update.execute(params![g, k, now])?;
+        }
+    }
+    Ok(claimed)
 }
 
 fn claimed_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Claimed> {
