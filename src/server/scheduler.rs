@@ -178,10 +178,11 @@ impl Scheduler {
 
 /// Runs finishing within [`GATHER`] of `first` join its batch, unless every run in flight
 /// has finished (or the batch is full) sooner. Each transaction rewrites every page it
-/// touches (the runs', their outputs', the events' and the group's), so when runs end a
-/// few at a time, as under latency, a transaction per run wrote about 75 KB of pages per
-/// run; a few milliseconds' wait lets one transaction carry several. When runs end all at
-/// once (no latency) the batch fills without waiting.
+/// touches (the runs', their outputs', the events', the indexes' and the group's), so when
+/// runs end a few at a time, as under latency, a transaction or two per run is costly: at
+/// 1–3 s latency, 10k runs made the server write 2.2 GB and use 8.4 CPU seconds; gathered,
+/// 0.7 GB and 3.1–3.6 s. When runs end all at once (no latency) the batch fills without
+/// waiting.
 async fn gather(
     first: Finished,
     rx: &mut mpsc::UnboundedReceiver<Finished>,
