@@ -366,11 +366,20 @@ mod groups {
         }
         let handle = server::start(ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            db: Some(db),
+            db: Some(db.clone()),
             ..ServerConfig::default()
         })
         .await
-        .map_err(|e| RunError::Config(format!("embedded server: {e}")))?;
+        .map_err(|e| {
+            RunError::Config(if e.is_in_use() {
+                format!(
+                    "embedded server: {} is in use by a `groupflow run` in this state directory (its embedded server); try again when that run ends",
+                    db.display()
+                )
+            } else {
+                format!("embedded server: {e}")
+            })
+        })?;
         let client = Client::new(ClientConfig::new(handle.base_url()))
             .map_err(|e| RunError::Config(e.to_string()))?;
         Ok((client, Some(handle)))

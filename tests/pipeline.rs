@@ -797,6 +797,20 @@ fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
         &[],
         "waiting for another run in this state directory to end",
     );
+    // The groups commands use the same embedded server: they say so and stop.
+    let busy = groupflow(
+        dir.path(),
+        &["groups", "status", "tgrp_any", "--state-dir", ".groupflow"],
+        &[],
+    );
+    assert_eq!(busy.status.code(), Some(2), "{}", show(&busy));
+    assert!(
+        text(&busy.stderr).contains(
+            "is in use by a `groupflow run` in this state directory (its embedded server); try again when that run ends"
+        ),
+        "{}",
+        show(&busy)
+    );
     let first = first.0.take().unwrap();
     let status = Command::new("kill")
         .args(["-CONT", &first.id().to_string()])
