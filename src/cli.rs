@@ -373,7 +373,7 @@ mod groups {
         .map_err(|e| {
             RunError::Config(if e.is_in_use() {
                 format!(
-                    "embedded server: {} is in use by a `groupflow run` in this state directory (its embedded server); try again when that run ends",
+                    "embedded server: {} is in use by another groupflow process (a `groupflow run` in this state directory, or `groupflow serve`); try again when it ends, or set PARALLEL_BASE_URL to that server",
                     db.display()
                 )
             } else {

@@ -797,6 +797,7 @@ fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
         &[],
         "waiting for another run in this state directory to end",
     );
+    let mut second = KillOnDrop(Some(second));
     // The groups commands use the same embedded server: they say so and stop.
     let busy = groupflow(
         dir.path(),
@@ -806,7 +807,7 @@ fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
     assert_eq!(busy.status.code(), Some(2), "{}", show(&busy));
     assert!(
         text(&busy.stderr).contains(
-            "is in use by a `groupflow run` in this state directory (its embedded server); try again when that run ends"
+            "is in use by another groupflow process (a `groupflow run` in this state directory, or `groupflow serve`); try again when it ends"
         ),
         "{}",
         show(&busy)
@@ -819,7 +820,7 @@ fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
     assert!(status.success());
     let (code, err) = finish(first, first_err);
     assert_eq!(code, Some(0), "{err}");
-    let (code, err) = finish(second, second_err);
+    let (code, err) = finish(second.0.take().unwrap(), second_err);
     assert_eq!(code, Some(0), "{err}");
     let enriched = read_parquet(&dir.path().join("out/companies_enriched.parquet"));
     assert_eq!(rows(&enriched), 24);

@@ -775,7 +775,7 @@ fn a_pipeline_never_pays_again_for_inputs_another_pipeline_has_pending() {
     assert!(server.runs().0 > 0);
     refused(
         &run_other(),
-        ": its input is being run right now by pipeline research",
+        ": its input belongs to a run of pipeline research that is going on now",
     );
     // Killed there, it is interrupted: its claims wait for it to be run again.
     first.kill().unwrap();
@@ -783,7 +783,7 @@ fn a_pipeline_never_pays_again_for_inputs_another_pipeline_has_pending() {
     drop(stderr);
     refused(
         &run_other(),
-        ": its input was submitted by pipeline research, whose run was interrupted",
+        ": its input was claimed by pipeline research, whose run was interrupted",
     );
     assert!(
         server.repeated_inputs().is_empty(),

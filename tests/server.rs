@@ -1045,6 +1045,45 @@ async fn scheduler_keeps_concurrency_and_add_order() {
     h.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_left_running_finish_after_a_restart_with_lower_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite");
+    // Eight runs start and cannot finish before the server stops.
+    let mut config = ServerConfig::for_tests();
+    config.db = Some(db.clone());
+    config.concurrency = 8;
+    config.sim.latency = Duration::from_secs(600)..=Duration::from_secs(600);
+    let (h, api) = start(config).await;
+    let g = api.create_group().await;
+    api.add_runs(&g, json!({"inputs": companies(20)})).await;
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let (_, v) = api.get(&format!("/v1/tasks/groups/{g}")).await;
+            if v["status"]["task_run_status_counts"]["running"].as_u64() == Some(8) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("eight runs started");
+    h.shutdown().await;
+    // Restarted with room for two: the eight it finds running are run again first, and
+    // the rest wait for free room (more running than the limit must not stop the server).
+    let mut config = ServerConfig::for_tests();
+    config.db = Some(db);
+    config.concurrency = 2;
+    config.sim.latency = Duration::from_millis(5)..=Duration::from_millis(20);
+    let (h, api) = start(config).await;
+    let group = api.wait_inactive(&g).await;
+    assert_eq!(
+        group.status.task_run_status_counts.get("completed"),
+        Some(&20)
+    );
+    h.shutdown().await;
+}
+
 /// The real binary, serving a database file.
 struct Served {
     child: Child,

@@ -66,11 +66,11 @@ pub enum LedgerError {
 pub fn pending_elsewhere(pipeline: &str, running: bool) -> String {
     if running {
         format!(
-            "is being run right now by pipeline {pipeline} (the same task, in the same state directory): run this pipeline again once that one has ended, and it reuses those results"
+            "belongs to a run of pipeline {pipeline} that is going on now (the same task, in the same state directory): run this pipeline again once that one has ended, and it reuses its results"
         )
     } else {
         format!(
-            "was submitted by pipeline {pipeline}, whose run was interrupted before the result came back: run {pipeline} again to finish it (this pipeline then reuses its results), or pass --no-cache to submit the input again"
+            "was claimed by pipeline {pipeline}, whose run was interrupted before the result came back: run {pipeline} again to finish it (this pipeline then reuses its results), or pass --no-cache to submit every input of this pipeline again"
         )
     }
 }
@@ -329,7 +329,20 @@ impl Ledger {
             path: path.to_path_buf(),
             message: format!("lock {}: {e}", lock_path.display()),
         })?;
-        match lock.try_lock() {
+        // Another pipeline checking whether this one runs holds the lock for an instant
+        // (see `running`): a lock still held after 100 ms is another run of this pipeline.
+        let started = std::time::Instant::now();
+        let taken = loop {
+            match lock.try_lock() {
+                Err(std::fs::TryLockError::WouldBlock)
+                    if started.elapsed() < std::time::Duration::from_millis(100) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other,
+            }
+        };
+        match taken {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(LedgerError::Busy {
@@ -596,8 +609,19 @@ fn running(path: &Path, pipeline: &str) -> bool {
     let Ok(lock) = File::open(lock_path(path, pipeline)) else {
         return false;
     };
-    // Taken here means nobody holds it; it is let go again when `lock` is dropped.
-    matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    // Taken here means nobody holds it; it is let go again at once. Another process asking
+    // the same question holds it for an instant, a run for its whole life: held three times
+    // over 20 ms is a run.
+    for i in 0..3 {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        match lock.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// What went wrong inside [`Ledger::blocking`]: the database, the result log, or a claim

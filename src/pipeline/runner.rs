@@ -220,7 +220,7 @@ impl Api {
                     if !waiting {
                         waiting = true;
                         eprintln!(
-                            "groupflow: waiting for another run in this state directory to end: its embedded server is using {}",
+                            "groupflow: waiting for another run in this state directory to end: {} is in use by another groupflow process (that run's embedded server, or `groupflow serve`)",
                             db.display()
                         );
                     }

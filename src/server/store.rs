@@ -42,8 +42,8 @@ pub enum StoreError {
 /// Page size of a new database (an existing one keeps its own). A sim output is about
 /// 2.6 KB of JSON, so a 4 KB page held one and left 1.4 KB empty; 16 KB pages hold six.
 /// At 100k runs the database shrinks from 388 to 282 MB, and the server's CPU time falls
-/// from 4.99 to 4.06 s (medians of five alternated runs, `benches/vs_parallel_cli.sh`'s
-/// pipeline).
+/// from 4.99 to 4.06 s (one binary, the two page sizes alternated, medians of five runs of
+/// `benches/vs_parallel_cli.sh`'s pipeline).
 const PAGE_SIZE: i64 = 16384;
 
 /// How much of the database file connections read through a memory map.
@@ -247,9 +247,19 @@ struct Writer {
 /// Takes the lock of the database at `path` (`<path>.lock`, beside it), held until the
 /// returned file is dropped.
 fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
-    let mut name = path.as_os_str().to_owned();
+    // Named from the real folder, so another path to the same database (a symlink, `..`)
+    // finds the same lock.
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let folder = folder.canonicalize().map_err(|source| StoreError::Lock {
+        path: folder.to_path_buf(),
+        source,
+    })?;
+    let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".lock");
-    let lock_path = std::path::PathBuf::from(name);
+    let lock_path = folder.join(name);
     let file = std::fs::File::create(&lock_path).map_err(|source| StoreError::Lock {
         path: lock_path.clone(),
         source,
@@ -271,7 +281,8 @@ fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", if durable { "NORMAL" } else { "OFF" })?;
     // The writer's 64 MiB page cache holds the runs a batch updates; checkpointing every
-    // 16 MiB of WAL (not SQLite's 4 MiB) writes pages touched by several batches back once.
+    // 4096 pages of WAL (not SQLite's 1000; 64 MiB with 16 KB pages, 16 MiB in databases
+    // made with 4 KB pages) writes pages touched by several batches back once.
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
@@ -570,6 +581,7 @@ impl Store {
         self.with_writer(|w| {
             let tx = w.conn.transaction()?;
             let mut per_group: HashMap<i64, (i64, i64)> = HashMap::new();
+            let mut evented = Vec::new();
             {
                 let mut done = tx.prepare_cached(
                     "UPDATE runs SET status = 3, modified_at = ?2 WHERE seq = ?1 AND status = 2",
@@ -621,7 +633,7 @@ impl Store {
                     .is_none_or(|t| t.elapsed() >= STATUS_EVENT_EVERY);
                 if !counts.is_active() || due {
                     insert_status_event(&tx, *g, &counts, &now)?;
-                    w.last_status_event.insert(*g, Instant::now());
+                    evented.push(*g);
                 }
             }
             let claimed = if claim > 0 {
@@ -630,6 +642,10 @@ impl Store {
                 Vec::new()
             };
             tx.commit()?;
+            // Only once committed: a transaction that fails is tried again whole.
+            for g in evented {
+                w.last_status_event.insert(g, Instant::now());
+            }
             if w.last_status_event.len() > 10_000 {
                 w.last_status_event
                     .retain(|_, t| t.elapsed() < STATUS_EVENT_EVERY);
