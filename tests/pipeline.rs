@@ -656,27 +656,15 @@ outputs:
 fn ctrl_c_exits_130_and_leaves_no_output() {
     let server = Serve::start(&["--sim-latency-ms", "60000"]);
     let dir = examples();
-    let mut child = Command::new(BIN)
-        .args(["run", "--progress", "lines", "company_research.yaml"])
-        .current_dir(dir.path())
-        .env_remove("PARALLEL_API_KEY")
-        .env("PARALLEL_BASE_URL", &server.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait until the runs are out (they take a minute each), then interrupt.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "groupflow ended early:\n{seen}");
-        seen.push_str(&line);
-        if line.contains("task research: running") {
-            break;
-        }
-    }
+    let (child, mut stderr, seen) = spawn_until(
+        dir.path(),
+        "company_research.yaml",
+        &[("PARALLEL_BASE_URL", &server.url)],
+        "task research: running",
+    );
+    let mut child = KillOnDrop(Some(child));
+    let child = child.0.as_mut().unwrap();
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -720,14 +708,19 @@ fn a_failing_output_commits_no_output_at_all() {
     assert!(written.is_empty(), "{written:?}");
 }
 
-/// `groupflow run` of `pipeline` in `dir` on the embedded server, stderr piped and read
-/// line by line until a line holds `until`; returns the child and its stderr.
+/// `groupflow run` of `pipeline` in `dir` with `env` (the embedded server unless it sets
+/// `PARALLEL_BASE_URL`), stderr piped and read line by line until a line holds `until`;
+/// returns the child, its stderr and what it printed so far.
 fn spawn_until(
     dir: &Path,
     pipeline: &str,
     env: &[(&str, &str)],
     until: &str,
-) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    String,
+) {
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "--progress", "lines", pipeline])
         .current_dir(dir);
@@ -752,7 +745,7 @@ fn spawn_until(
         }
         seen.push_str(&line);
     }
-    (child, stderr)
+    (child, stderr, seen)
 }
 
 /// Kills the process when dropped before it was waited for (a failed test leaves no
@@ -784,14 +777,14 @@ fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
     // would share one database. The first stops itself with its runs added; the second
     // waits for it instead of starting a second server on that database.
     let dir = examples();
-    let (first, first_err) = spawn_until(
+    let (first, first_err, _) = spawn_until(
         dir.path(),
         "company_research.yaml",
         &[("GROUPFLOW_PAUSE_AT", "runs.added:1")],
         "groupflow: paused at runs.added:1",
     );
     let mut first = KillOnDrop(Some(first));
-    let (second, second_err) = spawn_until(
+    let (second, second_err, _) = spawn_until(
         dir.path(),
         "funding_rounds.yaml",
         &[],
