@@ -832,22 +832,25 @@ fn a_second_server_on_one_database_is_refused() {
     let db = dir.path().join("state.sqlite");
     let db_arg = db.display().to_string();
     let _first = Serve::start(&["--db", &db_arg]);
-    let mut second = Command::new(BIN)
-        .args(["serve", "--db", &db_arg, "--addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Refused at once; one still running after 30 s is serving the same database.
-    let started = std::time::Instant::now();
-    while second.try_wait().unwrap().is_none() {
-        if started.elapsed() > std::time::Duration::from_secs(30) {
-            second.kill().unwrap();
-            panic!("a second server started on {db_arg}");
+    let second_server = |db: &str| {
+        let mut second = Command::new(BIN)
+            .args(["serve", "--db", db, "--addr", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while second.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                second.kill().unwrap();
+                panic!("a second server started on {db}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = second.wait_with_output().unwrap();
+        second.wait_with_output().unwrap()
+    };
+    let out = second_server(&db_arg);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -857,6 +860,11 @@ fn a_second_server_on_one_database_is_refused() {
         )),
         "{err}"
     );
+    // Another name for the same file is the same database.
+    let alias = dir.path().join("alias.sqlite");
+    std::os::unix::fs::symlink(&db, &alias).unwrap();
+    let out = second_server(alias.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
 }
 
 #[test]

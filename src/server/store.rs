@@ -247,19 +247,25 @@ struct Writer {
 /// Takes the lock of the database at `path` (`<path>.lock`, beside it), held until the
 /// returned file is dropped.
 fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
-    // Named from the real folder, so another path to the same database (a symlink, `..`)
-    // finds the same lock.
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    // Named from the database's real path, so another path to it (a symlink to the file,
+    // `..`) finds the same lock; a database not made yet is named from its real folder.
+    let real = match path.canonicalize() {
+        Ok(real) => real,
+        Err(_) => {
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let folder = folder.canonicalize().map_err(|source| StoreError::Lock {
+                path: folder.to_path_buf(),
+                source,
+            })?;
+            folder.join(path.file_name().unwrap_or_default())
+        }
     };
-    let folder = folder.canonicalize().map_err(|source| StoreError::Lock {
-        path: folder.to_path_buf(),
-        source,
-    })?;
-    let mut name = path.file_name().unwrap_or_default().to_owned();
+    let mut name = real.into_os_string();
     name.push(".lock");
-    let lock_path = folder.join(name);
+    let lock_path = std::path::PathBuf::from(name);
     let file = std::fs::File::create(&lock_path).map_err(|source| StoreError::Lock {
         path: lock_path.clone(),
         source,
