@@ -665,11 +665,7 @@ fn ctrl_c_exits_130_and_leaves_no_output() {
     );
     let mut child = KillOnDrop(Some(child));
     let child = child.0.as_mut().unwrap();
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::signal(child.id(), "-INT");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     let code = child.wait().unwrap().code();
@@ -806,11 +802,7 @@ fn pipelines_beside_each_other_take_turns_on_the_embedded_server() {
         show(&busy)
     );
     let first = first.0.take().unwrap();
-    let status = Command::new("kill")
-        .args(["-CONT", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::signal(first.id(), "-CONT");
     let (code, err) = finish(first, first_err);
     assert_eq!(code, Some(0), "{err}");
     let (code, err) = finish(second.0.take().unwrap(), second_err);

@@ -513,15 +513,8 @@ fn ctrl_c_stops_submitting_writes_nothing_and_the_next_run_resumes() {
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
     // Stopped right after its second batch of runs was added; Ctrl-C arrives as it wakes.
     let (mut child, mut stderr, seen) = start_paused(dir.path(), &server, "runs.added:2");
-    let pid = child.id().to_string();
     for signal in ["-INT", "-CONT"] {
-        assert!(
-            Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        common::signal(child.id(), signal);
     }
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).unwrap();
@@ -710,18 +703,27 @@ fn faults_in_the_api_cost_no_extra_runs_and_lose_no_rows() {
     assert_eq!(run_ids.len(), rows, "10,000 distinct results");
 }
 
+/// `other.yaml` beside `research.yaml` in `dir`: the same pipeline named `other`, writing
+/// to `out2/`, with each (from, to) of `edits` applied as well.
+fn other_pipeline(dir: &Path, edits: &[(&str, &str)]) {
+    let yaml = std::fs::read_to_string(dir.join("research.yaml")).unwrap();
+    let mut other = yaml
+        .replace("name: research\n", "name: other\n")
+        .replace("out/", "out2/");
+    for (from, to) in edits {
+        assert!(other.contains(from), "{from} is not in the pipeline");
+        other = other.replace(from, to);
+    }
+    assert!(other.contains("name: other\n") && other.contains("out2/"));
+    std::fs::write(dir.join("other.yaml"), other).unwrap();
+}
+
 #[test]
 fn two_pipelines_share_a_state_directory_and_its_ledger_at_the_same_time() {
     // Two pipelines beside each other share `.groupflow/` (one ledger, one results file).
     // The second runs its task on another processor, so the two tasks differ.
     let dir = project("core", 0.1);
-    let yaml = std::fs::read_to_string(dir.path().join("research.yaml")).unwrap();
-    let other = yaml
-        .replace("name: research\n", "name: other\n")
-        .replace("processor: core", "processor: base")
-        .replace("out/", "out2/");
-    assert_ne!(other, yaml);
-    std::fs::write(dir.path().join("other.yaml"), other).unwrap();
+    other_pipeline(dir.path(), &[("processor: core", "processor: base")]);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
     let spawn = |file: &str| {
         pipeline_command(dir.path(), &server, file, &[], &[])
@@ -751,11 +753,7 @@ fn a_pipeline_never_pays_again_for_inputs_another_pipeline_has_pending() {
     // yet got back must not be paid for again, whether `research` is still running or
     // was interrupted; its results are reused once it has finished.
     let dir = project("core", 0.1);
-    let yaml = std::fs::read_to_string(dir.path().join("research.yaml")).unwrap();
-    let other = yaml
-        .replace("name: research\n", "name: other\n")
-        .replace("out/", "out2/");
-    std::fs::write(dir.path().join("other.yaml"), other).unwrap();
+    other_pipeline(dir.path(), &[]);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
     let run_other = || {
         pipeline_command(dir.path(), &server, "other.yaml", &[], &[])

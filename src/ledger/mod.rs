@@ -624,6 +624,26 @@ fn running(path: &Path, pipeline: &str) -> bool {
     true
 }
 
+/// The pipeline of attempt `a` and whether it is running now (see [`running`]), or `None`
+/// when that attempt has finished.
+fn unfinished_attempt(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    a: i64,
+) -> rusqlite::Result<Option<(String, bool)>> {
+    let pipeline: Option<String> = tx
+        .query_row(
+            "SELECT pipeline FROM attempts WHERE attempt = ?1 AND finished_at IS NULL",
+            params![a],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(pipeline.map(|p| {
+        let live = running(path, &p);
+        (p, live)
+    }))
+}
+
 /// What went wrong inside [`Ledger::blocking`]: the database, the result log, or a claim
 /// of an input pending elsewhere.
 enum Fail {
@@ -846,18 +866,7 @@ impl TaskLedger {
                             let other = match others.get(&a) {
                                 Some(o) => o.clone(),
                                 None => {
-                                    let o = tx
-                                        .query_row(
-                                            "SELECT pipeline FROM attempts
-                                             WHERE attempt = ?1 AND finished_at IS NULL",
-                                            params![a],
-                                            |r| r.get::<_, String>(0),
-                                        )
-                                        .optional()?
-                                        .map(|p| {
-                                            let live = running(&path, &p);
-                                            (p, live)
-                                        });
+                                    let o = unfinished_attempt(&tx, &path, a)?;
                                     others.insert(a, o.clone());
                                     o
                                 }

@@ -7,6 +7,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Sends `signal` (as `kill` spells it: `-INT`, `-CONT`, …) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
 /// The folder `scripts/setup-test-env` fills.
 pub fn test_env() -> PathBuf {
     std::env::var_os("GROUPFLOW_TEST_ENV")
