@@ -1054,27 +1054,43 @@ impl TaskLedger {
         let me = self.ledger.clone();
         self.ledger
             .blocking(move |c| -> Result<Vec<Option<String>>, Fail> {
-                let mut s = c.prepare_cached(
-                    "SELECT result_at, result_len,
-                       (SELECT json FROM results r WHERE r.result_id = runs.result_id)
-                     FROM runs WHERE task_id = ?1 AND input_key = ?2",
-                )?;
                 let mut out = Vec::with_capacity(keys.len());
-                for k in &keys {
-                    type Found = (Option<i64>, Option<i64>, Option<String>);
-                    let found: Option<Found> = s
-                        .query_row(params![task, DbKey::new(k)], |r| {
-                            Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
-                        })
-                        .optional()?;
-                    out.push(match found {
-                        Some((Some(at), Some(len), _)) => {
-                            let packed = me.log.read(&owner(task, k), at as u64, len as usize)?;
-                            Some(unpack_logged(&packed, at)?)
-                        }
-                        Some((_, _, old)) => old,
-                        None => None,
-                    });
+                // Results in the log: (index in `out`, owner, start, length).
+                let mut logged = Vec::with_capacity(keys.len());
+                // One read transaction for all the lookups: on its own, each lookup
+                // starts and ends a transaction of its own, two file-lock calls apiece.
+                let tx = c.transaction()?;
+                {
+                    let mut s = tx.prepare_cached(
+                        "SELECT result_at, result_len,
+                           (SELECT json FROM results r WHERE r.result_id = runs.result_id)
+                         FROM runs WHERE task_id = ?1 AND input_key = ?2",
+                    )?;
+                    for k in &keys {
+                        type Found = (Option<i64>, Option<i64>, Option<String>);
+                        let found: Option<Found> = s
+                            .query_row(params![task, DbKey::new(k)], |r| {
+                                Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
+                            })
+                            .optional()?;
+                        out.push(match found {
+                            Some((Some(at), Some(len), _)) => {
+                                logged.push((out.len(), owner(task, k), at, len));
+                                None
+                            }
+                            Some((_, _, old)) => old,
+                            None => None,
+                        });
+                    }
+                }
+                tx.commit()?;
+                let wanted: Vec<(&[u8], u64, usize)> = logged
+                    .iter()
+                    .map(|(_, o, at, len)| (o.as_slice(), *at as u64, *len as usize))
+                    .collect();
+                let packed = me.log.read_many(&wanted)?;
+                for ((i, _, at, _), p) in logged.iter().zip(packed) {
+                    out[*i] = Some(unpack_logged(&p, *at)?);
                 }
                 Ok(out)
             })
