@@ -194,6 +194,17 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The result log files of the project in `dir`, by name.
+fn result_logs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join(".groupflow"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ledger.results"))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Starts a run that stops itself at `point` and returns once it has stopped there: the
 /// child, its stderr (still open), and what it printed up to the pause.
 fn start_paused(
@@ -573,13 +584,36 @@ fn identical_rows_share_a_run_and_reruns_reuse_stored_results() {
     // The same rows, down to the run ids.
     assert!(enriched(dir.path()) == before, "the output changed");
 
+    assert_eq!(result_logs(dir.path()), ["ledger.results"]);
+
     // --no-cache: every distinct input again, still shared between identical rows.
-    let fresh = run_ok(dir.path(), &server, &["--no-cache"]);
+    let out = run(dir.path(), &server, &["--no-cache"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let fresh = stdout(&out);
     assert!(
         fresh.contains(&format!("runs submitted {DISTINCT},")),
         "{}",
         fresh
     );
+    assert_eq!(server.runs().0, 2 * DISTINCT as u64);
+    // The results it replaced were half the result log: the log is rewritten without them,
+    // and a run after that reads every result it kept from the new one.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state: result log compacted"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(result_logs(dir.path()), ["ledger.results.1"]);
+    let replaced = enriched(dir.path());
+    let again = run_ok(dir.path(), &server, &[]);
+    assert!(
+        again.contains(&format!(
+            "runs submitted 0, runs saved {ROWS} ({ROWS} cached"
+        )),
+        "{}",
+        again
+    );
+    assert!(enriched(dir.path()) == replaced, "the output changed");
     assert_eq!(server.runs().0, 2 * DISTINCT as u64);
 
     // Another processor is another task: nothing is reused.

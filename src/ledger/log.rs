@@ -28,6 +28,28 @@ pub fn path_for(ledger: &Path) -> PathBuf {
     ledger.with_extension("results")
 }
 
+/// True when `name` is a result log of the ledger whose first log is `first`: `first`
+/// itself, or a compaction's copy of it (`first` then `.` and its number, see
+/// [`next_name`]).
+pub fn is_log_name(first: &str, name: &str) -> bool {
+    name == first
+        || name
+            .strip_prefix(first)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The name of the log a compaction of the log named `current` copies into: `first.1`,
+/// then `first.2`, and so on.
+pub fn next_name(first: &str, current: &str) -> String {
+    let n: u64 = current
+        .strip_prefix(first)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    format!("{first}.{}", n + 1)
+}
+
 /// The checksum before each payload.
 const CRC_BYTES: usize = 4;
 
@@ -60,8 +82,36 @@ impl ResultLog {
         Ok(ResultLog { file, path, sync })
     }
 
+    /// A new, empty log at `path` (emptied if a file is there already), for a compaction
+    /// to copy into.
+    pub fn create(path: PathBuf, sync: bool) -> io::Result<ResultLog> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        Ok(ResultLog { file, path, sync })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file's size in bytes.
+    pub fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Makes everything appended so far durable, the file's name included (appends made
+    /// with `sync` off are not, on their own).
+    pub fn sync_all(&self) -> io::Result<()> {
+        self.file.sync_all()?;
+        #[cfg(unix)]
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Appends one record per (owner, payload), in one write, and returns where each

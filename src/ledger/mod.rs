@@ -199,6 +199,13 @@ CREATE TABLE IF NOT EXISTS results (
 -- No query looks runs up by group; the index on it that older ledgers have only cost two
 -- index writes per run.
 DROP INDEX IF EXISTS runs_by_group;
+-- `result_log`: the file name of the result log, once a compaction has replaced the first
+-- one (`ledger.results`, beside the database); `unused_results`: the unused bytes in it that
+-- a run could not compact because another pipeline had the ledger open.
+CREATE TABLE IF NOT EXISTS settings (
+  name TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outputs (
   attempt INTEGER NOT NULL,
   output TEXT NOT NULL,
@@ -213,9 +220,11 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The ledger's format, kept in `PRAGMA user_version`. Format 1 stores input keys that are
 /// fingerprints as their 16 bytes (format 0 stored them as hex text); format 2 appends
-/// results to the result log instead of the `results` table (whose rows are still read).
-/// Older ledgers are converted when opened.
-const FORMAT: i64 = 2;
+/// results to the result log instead of the `results` table (whose rows are still read);
+/// format 3 may keep them in another log file, named in `settings` (see
+/// [`Ledger::compact`]), which older versions would not look for. Older ledgers are
+/// converted when opened.
+const FORMAT: i64 = 3;
 
 /// Converts a format-0 ledger: the keys that are fingerprints become their 16 bytes, so
 /// the claims and results recorded before stay found.
@@ -290,8 +299,11 @@ mod status {
 pub struct Ledger {
     conn: Mutex<Connection>,
     path: PathBuf,
-    /// Results, appended (see [`log`]); used with `conn` locked.
-    log: log::ResultLog,
+    /// Results, appended (see [`log`]); used with `conn` locked, replaced by a compaction.
+    log: std::sync::RwLock<log::ResultLog>,
+    /// Set once this attempt has left a result in the log unused, by replacing it.
+    replaced: std::sync::atomic::AtomicBool,
+    pipeline: String,
     attempt: i64,
     session: String,
     resumed: bool,
@@ -457,8 +469,19 @@ impl Ledger {
                 (tx.last_insert_rowid(), false)
             }
         };
+        let log_name: Option<String> = tx
+            .query_row(
+                "SELECT value FROM settings WHERE name = 'result_log'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
         tx.commit().map_err(err)?;
-        let log_path = log::path_for(path);
+        let log_path = match log_name {
+            Some(name) => path.with_file_name(name),
+            None => log::path_for(path),
+        };
         let log = log::ResultLog::open(log_path.clone(), temp.is_none()).map_err(|e| {
             LedgerError::Io {
                 path: log_path,
@@ -468,7 +491,9 @@ impl Ledger {
         Ok(Arc::new(Ledger {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
-            log,
+            log: std::sync::RwLock::new(log),
+            replaced: Default::default(),
+            pipeline: pipeline.to_string(),
             attempt,
             session,
             resumed,
@@ -559,6 +584,138 @@ impl Ledger {
         .await
     }
 
+    /// The result log.
+    fn log(&self) -> std::sync::RwLockReadGuard<'_, log::ResultLog> {
+        self.log.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rewrites the result log without the results no run points to any more — results
+    /// replaced by a run with `--no-cache` or `--retry-failed`, appends a crash left behind
+    /// — once this attempt has replaced some and they take at least half as many bytes as
+    /// the ones still used (a third of the file), and at least [`COMPACT_MIN_BYTES`].
+    /// Returns the log's size before and after, or `None` when it was left as it is.
+    ///
+    /// Only done when no other pipeline has the ledger open (its open log file would be the
+    /// old one), else noted for the next run that ends, whatever it replaced; done holding
+    /// the ledger's write lock throughout: a pipeline that starts
+    /// meanwhile waits, then opens the new log. The copy is made durable before the
+    /// transaction that points the runs and `settings.result_log` at it commits; a crash
+    /// before then leaves the old log in use and the copy for the next compaction to
+    /// delete, a crash after leaves the old log for it to delete.
+    pub async fn compact(self: &Arc<Self>) -> Result<Option<(u64, u64)>, LedgerError> {
+        let me = self.clone();
+        let replaced = self.replaced.load(std::sync::atomic::Ordering::Relaxed);
+        self.blocking(move |c| -> Result<_, Fail> {
+            // Without a result replaced in this attempt, or one noted by an earlier run
+            // that could not compact, the unused part is at most what a crash left (one
+            // batch at a time): not worth a scan of every run.
+            let noted = |c: &Connection| -> rusqlite::Result<bool> {
+                c.query_row(
+                    "SELECT count(*) FROM settings WHERE name = 'unused_results'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|n| n > 0)
+            };
+            if !replaced && !noted(c)? {
+                return Ok(None);
+            }
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let live: i64 = tx.query_row(
+                "SELECT coalesce(sum(result_len), 0) FROM runs NOT INDEXED
+                 WHERE result_at IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            let before = me.log().len()?;
+            let unused = before.saturating_sub(live as u64);
+            if unused < COMPACT_MIN_BYTES || unused * 2 < live as u64 {
+                tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
+                tx.commit()?;
+                return Ok(None);
+            }
+            if me.shared() {
+                // Left to the next run that ends.
+                tx.execute(
+                    "INSERT OR REPLACE INTO settings (name, value) VALUES ('unused_results', ?1)",
+                    params![unused as i64],
+                )?;
+                tx.commit()?;
+                return Ok(None);
+            }
+            let first = log::path_for(&me.path);
+            let first = first
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let current = me.log().path().to_path_buf();
+            let current_name = current.file_name().and_then(|n| n.to_str());
+            let dir = match me.path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            // Copies earlier compactions left behind (see above).
+            for entry in std::fs::read_dir(&dir)? {
+                let name = entry?.file_name();
+                let name = name.to_string_lossy();
+                if log::is_log_name(first, &name) && Some(&*name) != current_name {
+                    std::fs::remove_file(dir.join(&*name))?;
+                }
+            }
+            let next = me
+                .path
+                .with_file_name(log::next_name(first, current_name.unwrap_or(first)));
+            let copied = copy_live_results(&tx, &me.log(), &next);
+            let new_log = match copied {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&next);
+                    return Err(e);
+                }
+            };
+            tx.execute(
+                "INSERT OR REPLACE INTO settings (name, value) VALUES ('result_log', ?1)",
+                params![next.file_name().map(|n| n.to_string_lossy())],
+            )?;
+            tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
+            tx.commit()?;
+            let after = new_log.len()?;
+            *me.log.write().unwrap_or_else(|p| p.into_inner()) = new_log;
+            std::fs::remove_file(&current)?;
+            Ok(Some((before, after)))
+        })
+        .await
+    }
+
+    /// True when another pipeline has this ledger open (holds its lock beside it), or may
+    /// be about to: a lock that cannot be taken for an instant counts as held.
+    fn shared(&self) -> bool {
+        let mine = lock_path(&self.path, &self.pipeline);
+        let Some(dir) = self.path.parent() else {
+            return true;
+        };
+        let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) else {
+            return true;
+        };
+        entries.flatten().any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !(name.starts_with("ledger-") && name.ends_with(".lock"))
+                || entry.path().file_name() == mine.file_name()
+            {
+                return false;
+            }
+            match File::open(entry.path()) {
+                Ok(lock) => matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+                Err(_) => true,
+            }
+        })
+    }
+
     /// Runs `f` on the connection on a blocking thread.
     async fn blocking<T: Send + 'static, E: Into<Fail>>(
         self: &Arc<Self>,
@@ -573,7 +730,7 @@ impl Ledger {
                     source,
                 },
                 Fail::Log(e) => LedgerError::Io {
-                    path: me.log.path().to_path_buf(),
+                    path: me.log().path().to_path_buf(),
                     message: e.to_string(),
                 },
                 Fail::Pending {
@@ -811,13 +968,15 @@ impl TaskLedger {
         let (attempt, task, session, options) =
             (l.attempt, self.task_id, l.session.clone(), l.options);
         let path = l.path.clone();
-        let claims = self
+        let (claims, replaced) = self
             .ledger
             .blocking(move |c| -> Result<_, Fail> {
                 // Other attempts met: (pipeline, running now), or None when finished.
                 let mut others: HashMap<i64, Option<(String, bool)>> = HashMap::new();
                 let tx = c.transaction()?;
                 let mut claims = Vec::with_capacity(keys.len());
+                // A result in the log is left unused (see `Ledger::compact`).
+                let mut replaced = false;
                 {
                     // A new key is inserted straight away: one walk down the key index
                     // instead of a lookup and then an insert (at 1M rows most keys are new).
@@ -827,7 +986,7 @@ impl TaskLedger {
                          ON CONFLICT (task_id, input_key) DO NOTHING",
                     )?;
                     let mut find = tx.prepare_cached(
-                        "SELECT rowid, attempt, session, status, result_id FROM runs
+                        "SELECT rowid, attempt, session, status, result_id, result_at FROM runs
                          WHERE task_id = ?1 AND input_key = ?2",
                     )?;
                     let mut requeue = tx.prepare_cached(
@@ -843,10 +1002,17 @@ impl TaskLedger {
                             claims.push(Claim::Submit);
                             continue;
                         }
-                        type Known = (i64, i64, String, String, Option<i64>);
-                        let (row, a, s, st, old): Known = find
-                            .query_row(params![task, DbKey::new(key)], |r| {
-                                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        type Known = (i64, i64, String, String, Option<i64>, Option<i64>);
+                        let (row, a, s, st, old, old_at): Known =
+                            find.query_row(params![task, DbKey::new(key)], |r| {
+                                Ok((
+                                    r.get(0)?,
+                                    r.get(1)?,
+                                    r.get(2)?,
+                                    r.get(3)?,
+                                    r.get(4)?,
+                                    r.get(5)?,
+                                ))
                             })?;
                         let claim = if a == attempt && s == session {
                             Claim::Duplicate
@@ -886,15 +1052,19 @@ impl TaskLedger {
                             if let Some(old) = old {
                                 drop_result.execute(params![old])?;
                             }
+                            replaced |= old_at.is_some();
                             requeue.execute(params![row, attempt, session])?;
                         }
                         claims.push(claim);
                     }
                 }
                 tx.commit()?;
-                Ok(claims)
+                Ok((claims, replaced))
             })
             .await?;
+        if replaced {
+            l.replaced.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         pause_point("runs.claimed");
         Ok(claims)
     }
@@ -991,6 +1161,11 @@ impl TaskLedger {
                         if a != attempt || (stored && st == status::COMPLETED) {
                             continue;
                         }
+                        if old_at.is_some() {
+                            // A failed result gives way (see `Ledger::compact`).
+                            me.replaced
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         let packed = pack_result(&r.json);
                         match kept.get(&row) {
                             // The same rule within the batch: a completed result stays.
@@ -1009,7 +1184,7 @@ impl TaskLedger {
                         .zip(&keep)
                         .map(|(o, k)| (o.as_slice(), k.3.as_slice()))
                         .collect();
-                    let at = me.log.append(&records)?;
+                    let at = me.log().append(&records)?;
                     pause_point("results.logged");
                     let mut link = tx.prepare_cached(
                         "UPDATE runs SET status = ?2, run_id = ?3, result_at = ?4,
@@ -1088,7 +1263,7 @@ impl TaskLedger {
                     .iter()
                     .map(|(_, o, at, len)| (o.as_slice(), *at as u64, *len as usize))
                     .collect();
-                let packed = me.log.read_many(&wanted)?;
+                let packed = me.log().read_many(&wanted)?;
                 for ((i, _, at, _), p) in logged.iter().zip(packed) {
                     out[*i] = Some(unpack_logged(&p, *at)?);
                 }
@@ -1096,6 +1271,68 @@ impl TaskLedger {
             })
             .await
     }
+}
+
+/// Unused bytes in the result log below which [`Ledger::compact`] leaves it as it is.
+pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
+/// Copies every result a run points to from `log` into a new log at `to`, in the runs'
+/// order, and points the runs at their copies (in `tx`). The copy is durable on return.
+fn copy_live_results(
+    tx: &rusqlite::Transaction<'_>,
+    log: &log::ResultLog,
+    to: &Path,
+) -> Result<log::ResultLog, Fail> {
+    /// Results read and written at a time.
+    const CHUNK: usize = 4096;
+    let new_log = log::ResultLog::create(to.to_path_buf(), false)?;
+    let mut moves: Vec<(i64, u64)> = Vec::new();
+    {
+        let mut s = tx.prepare(
+            "SELECT rowid, task_id, input_key, result_at, result_len FROM runs NOT INDEXED
+             WHERE result_at IS NOT NULL",
+        )?;
+        let mut rows = s.query([])?;
+        let mut chunk: Vec<(i64, Vec<u8>, u64, usize)> = Vec::with_capacity(CHUNK);
+        let mut flush = |chunk: &mut Vec<(i64, Vec<u8>, u64, usize)>| -> Result<(), Fail> {
+            let wanted: Vec<(&[u8], u64, usize)> = chunk
+                .iter()
+                .map(|(_, o, at, len)| (o.as_slice(), *at, *len))
+                .collect();
+            let payloads = log.read_many(&wanted)?;
+            let records: Vec<(&[u8], &[u8])> = chunk
+                .iter()
+                .zip(&payloads)
+                .map(|((_, o, _, _), p)| (o.as_slice(), p.as_slice()))
+                .collect();
+            let at = new_log.append(&records)?;
+            moves.extend(chunk.iter().zip(at).map(|((row, ..), (at, _))| (*row, at)));
+            chunk.clear();
+            Ok(())
+        };
+        while let Some(r) = rows.next()? {
+            let task: i64 = r.get(1)?;
+            let key = match r.get_ref(2)? {
+                ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                _ => continue,
+            };
+            let (at, len): (i64, i64) = (r.get(3)?, r.get(4)?);
+            chunk.push((r.get(0)?, owner(task, &key), at as u64, len as usize));
+            if chunk.len() == CHUNK {
+                flush(&mut chunk)?;
+            }
+        }
+        if !chunk.is_empty() {
+            flush(&mut chunk)?;
+        }
+    }
+    new_log.sync_all()?;
+    let mut point = tx.prepare("UPDATE runs SET result_at = ?2 WHERE rowid = ?1")?;
+    for (row, at) in moves {
+        point.execute(params![row, at as i64])?;
+    }
+    Ok(new_log)
 }
 
 /// Whose a record of the result log is: its task and input key.
@@ -1319,6 +1556,122 @@ mod tests {
         let c = Connection::open(&path).unwrap();
         let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
         assert_eq!(page, 1024);
+    }
+
+    /// The result log files in `dir`, by name.
+    fn result_logs(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ledger.results"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn the_result_log_is_compacted_once_replaced_results_take_much_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        // 1000 fingerprint keys and one text key, with ≈ 2 KB results that LZ4 shrinks only
+        // by half (hex digits of hashes): ≈ 1.1 MB of log per round.
+        let mut ks: Vec<String> = (0..1000)
+            .map(|i| fingerprint(format!("{i}").as_bytes()))
+            .collect();
+        ks.push("a text key".into());
+        let json = |k: &str, round: u32| {
+            let noise: String = (0..32)
+                .map(|j| fingerprint(format!("{k}/{round}/{j}").as_bytes()))
+                .collect();
+            format!("{{\"k\":\"{k}\",\"round\":{round},\"noise\":\"{noise}\"}}")
+        };
+        let no_cache = LedgerOptions {
+            no_cache: true,
+            ..LedgerOptions::default()
+        };
+        let mut sizes = Vec::new();
+        for (round, options) in [(1, LedgerOptions::default()), (2, no_cache), (3, no_cache)] {
+            let l = Ledger::open(&path, "p", options).unwrap();
+            let t = l.task("t", "fp").await.unwrap();
+            t.claim(ks.clone()).await.unwrap();
+            let stored = ks
+                .iter()
+                .map(|k| StoredResult {
+                    json: json(k, round),
+                    ..done(k, true)
+                })
+                .collect();
+            t.store_results("tgrp_1", stored).await.unwrap();
+            l.finish().await.unwrap();
+            if round == 3 {
+                // Another pipeline has the ledger open: its log file must stay the one in use.
+                let other = Ledger::open(&path, "q", LedgerOptions::default()).unwrap();
+                assert_eq!(l.compact().await.unwrap(), None);
+                drop((other, t, l));
+                // The next run to end compacts, though it replaced nothing itself.
+                let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+                let t = l.task("t", "fp").await.unwrap();
+                let claims = t.claim(ks.clone()).await.unwrap();
+                assert!(claims.iter().all(|c| *c == Claim::Cached));
+                l.finish().await.unwrap();
+                sizes.push((round, l.compact().await.unwrap()));
+                continue;
+            }
+            sizes.push((round, l.compact().await.unwrap()));
+        }
+        // Round 1 replaced nothing; rounds 2 and 3 each left the round before unused.
+        assert_eq!(sizes[0], (1, None), "{sizes:?}");
+        for (round, compacted) in &sizes[1..] {
+            let (before, after) = compacted.unwrap_or_else(|| panic!("round {round}: {sizes:?}"));
+            assert!(
+                after > 1_000_000 && before > 2 * after - 100_000,
+                "round {round}: {sizes:?}"
+            );
+        }
+        assert_eq!(result_logs(dir.path()), ["ledger.results.2"]);
+
+        // A later run (a new process) opens the log the compaction made, and every result
+        // is there, checked against its input: the last round's.
+        let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        assert!(
+            t.claim(ks.clone())
+                .await
+                .unwrap()
+                .iter()
+                .all(|c| *c == Claim::Cached)
+        );
+        let read = t.results(ks.clone()).await.unwrap();
+        for (k, r) in ks.iter().zip(&read) {
+            assert_eq!(r.as_deref(), Some(json(k, 3).as_str()), "{k}");
+        }
+        l.finish().await.unwrap();
+        drop((t, l));
+        // A copy a crash left behind is deleted by the next compaction, and does not count
+        // as the log meanwhile.
+        std::fs::write(dir.path().join("ledger.results.7"), b"left over").unwrap();
+        let l = Ledger::open(&path, "p", no_cache).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        t.claim(ks.clone()).await.unwrap();
+        let stored = ks
+            .iter()
+            .map(|k| StoredResult {
+                json: json(k, 4),
+                ..done(k, true)
+            })
+            .collect();
+        t.store_results("tgrp_1", stored).await.unwrap();
+        l.finish().await.unwrap();
+        assert!(l.compact().await.unwrap().is_some());
+        assert_eq!(result_logs(dir.path()), ["ledger.results.3"]);
+        let read = t.results(ks.clone()).await.unwrap();
+        assert_eq!(read[7].as_deref(), Some(json(&ks[7], 4).as_str()));
+        // A ledger that names another log is not one older versions can read.
+        let c = Connection::open(&path).unwrap();
+        let format: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(format, FORMAT);
     }
 
     fn done(key: &str, completed: bool) -> StoredResult {

@@ -428,6 +428,19 @@ async fn run_with(
         l.finish()
             .await
             .map_err(|e| RunError::Storage(e.to_string()))?;
+        // Results replaced in this run may leave the log mostly unused bytes. The run's
+        // work is done and kept either way, so a failed compaction is only reported.
+        match l.compact().await {
+            Ok(Some((before, after))) => progress.println(format!(
+                "state: result log compacted, {:.1} MB → {:.1} MB (results replaced by later runs dropped)",
+                before as f64 / 1e6,
+                after as f64 / 1e6
+            )),
+            Ok(None) => {}
+            Err(e) => progress.println(format!(
+                "groupflow: the result log was not compacted (the run's results are kept): {e}"
+            )),
+        }
     }
     for w in &written {
         progress.println(format!("output {}: {} row(s) written", w.display, w.rows));
