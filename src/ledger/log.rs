@@ -63,35 +63,37 @@ pub struct ResultLog {
 impl ResultLog {
     pub fn open(path: PathBuf, sync: bool) -> io::Result<ResultLog> {
         let new = !path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let log = Self::with_file(path, sync, false)?;
         // A new file's name must be on disk too before any row points into it.
-        #[cfg(unix)]
-        if new
-            && sync
-            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        {
-            File::open(dir)?.sync_all()?;
+        if new && sync {
+            log.sync_dir()?;
         }
-        #[cfg(not(unix))]
-        let _ = new;
-        Ok(ResultLog { file, path, sync })
+        Ok(log)
     }
 
     /// A new, empty log at `path` (emptied if a file is there already), for a compaction
     /// to copy into.
     pub fn create(path: PathBuf, sync: bool) -> io::Result<ResultLog> {
+        Self::with_file(path, sync, true)
+    }
+
+    fn with_file(path: PathBuf, sync: bool, truncate: bool) -> io::Result<ResultLog> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(truncate)
             .open(&path)?;
         Ok(ResultLog { file, path, sync })
+    }
+
+    /// Makes the file's name durable in its folder.
+    fn sync_dir(&self) -> io::Result<()> {
+        #[cfg(unix)]
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -107,11 +109,7 @@ impl ResultLog {
     /// with `sync` off are not, on their own).
     pub fn sync_all(&self) -> io::Result<()> {
         self.file.sync_all()?;
-        #[cfg(unix)]
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        self.sync_dir()
     }
 
     /// Appends one record per (owner, payload), in one write, and returns where each

@@ -1563,7 +1563,7 @@ mod tests {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("ledger.results"))
+            .filter(|n| log::is_log_name("ledger.results", n))
             .collect();
         names.sort();
         names
