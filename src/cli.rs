@@ -113,6 +113,12 @@ pub struct RunArgs {
     /// interrupted run is still resumed without resubmitting what it already sent.)
     #[arg(long)]
     pub no_cache: bool,
+    /// Submit again the inputs that another pipeline's interrupted run (same task, same
+    /// state directory) claimed and never got a result for, instead of stopping at the
+    /// first one. Those inputs are paid for again; that pipeline, run later, reuses this
+    /// run's results. Inputs of a pipeline that is running now are never taken over.
+    #[arg(long)]
+    pub take_over_pending: bool,
 }
 
 /// Flags of `groupflow validate`.
@@ -232,6 +238,7 @@ async fn run(args: RunArgs) -> i32 {
         ledger: crate::ledger::LedgerOptions {
             no_cache: args.no_cache,
             retry_failed: args.retry_failed,
+            take_over_pending: args.take_over_pending,
         },
     };
     let progress = pipeline::Progress::new(args.progress);

@@ -838,6 +838,68 @@ fn a_pipeline_never_pays_again_for_inputs_another_pipeline_has_pending() {
 }
 
 #[test]
+fn take_over_pending_pays_again_only_for_what_an_interrupted_pipeline_left_pending() {
+    // research is killed once its first results are stored. other (the same task on the
+    // same rows, in the same state directory) takes over the inputs research left pending
+    // and reuses the results it stored; research, run again, then reuses other's.
+    let dir = project("core", 0.1);
+    other_pipeline(dir.path(), &[]);
+    let server = Serve::start(&dir.path().join("server.sqlite"), &[]);
+    let (mut first, stderr, _) = start_paused(dir.path(), &server, "results.stored:1");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    drop(stderr);
+    let paid = server.runs().0;
+    let out = pipeline_command(
+        dir.path(),
+        &server,
+        "other.yaml",
+        &["--take-over-pending"],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let summary = stdout(&out);
+    let submitted = number_after(&summary, "runs submitted ");
+    let saved = &summary[summary.find("runs saved").unwrap()..];
+    let cached = number_after(saved, "(");
+    // Fewer runs than --no-cache would pay for (every distinct input), and of research's
+    // runs only those without a stored result are paid for twice.
+    assert!(cached > 0 && submitted > 0, "{summary}");
+    assert!(submitted < DISTINCT as u64, "{summary}");
+    assert_eq!(server.runs().0, paid + submitted);
+    let twice = server.repeated_inputs().len() as u64;
+    assert!(twice > 0 && twice < paid, "{twice} of {paid}");
+    let mine = enriched_at(dir.path(), "out2/enriched.parquet");
+    assert_eq!(mine.num_rows(), ROWS);
+
+    let again = run_ok(dir.path(), &server, &[]);
+    assert!(again.contains("runs submitted 0,"), "{again}");
+    assert_eq!(server.runs().0, paid + submitted);
+    assert_complete_output(dir.path());
+    assert_eq!(
+        without_run_ids(&mine),
+        without_run_ids(&enriched(dir.path()))
+    );
+}
+
+/// The number written right after `before` in `text`.
+fn number_after(text: &str, before: &str) -> u64 {
+    let at = text
+        .find(before)
+        .unwrap_or_else(|| panic!("no {before:?} in {text}"))
+        + before.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {before:?} in {text}"))
+}
+
+#[test]
 fn two_runs_of_one_pipeline_cannot_share_a_state_directory() {
     let dir = project("core", 0.1);
     let server = Serve::start(&dir.path().join("server.sqlite"), &[]);

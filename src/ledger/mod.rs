@@ -70,7 +70,7 @@ pub fn pending_elsewhere(pipeline: &str, running: bool) -> String {
         )
     } else {
         format!(
-            "was claimed by pipeline {pipeline}, whose run was interrupted before the result came back: run {pipeline} again to finish it (this pipeline then reuses its results), or pass --no-cache to submit every input of this pipeline again"
+            "was claimed by pipeline {pipeline}, whose run was interrupted before the result came back: run {pipeline} again to finish it (this pipeline then reuses its results), or pass --take-over-pending to submit again just the inputs it left pending"
         )
     }
 }
@@ -82,6 +82,9 @@ pub struct LedgerOptions {
     pub no_cache: bool,
     /// Submit again the inputs whose earlier runs failed.
     pub retry_failed: bool,
+    /// Take over, and submit again, the inputs another pipeline's interrupted attempt
+    /// left pending (see [`TaskLedger::claim`]).
+    pub take_over_pending: bool,
 }
 
 /// What a claim decided for one row.
@@ -962,7 +965,8 @@ impl TaskLedger {
     /// reused once there is one; before that, taking the claim over would pay for the
     /// input twice (and, while the other pipeline runs, leave its row without a result),
     /// so [`LedgerError::Pending`] is returned instead and nothing of this call is kept.
-    /// An interrupted pipeline's pending claims are taken over only with `no_cache`.
+    /// An interrupted pipeline's pending claims are taken over only with `no_cache` or
+    /// `take_over_pending`; a running pipeline's never.
     pub async fn claim(&self, keys: Vec<String>) -> Result<Vec<Claim>, LedgerError> {
         let l = &self.ledger;
         let (attempt, task, session, options) =
@@ -1038,8 +1042,9 @@ impl TaskLedger {
                                 }
                             };
                             let pending = st == status::QUEUED || st == status::SUBMITTED;
+                            let take_over = options.no_cache || options.take_over_pending;
                             if let Some((pipeline, live)) = other
-                                && (live || (pending && !options.no_cache))
+                                && (live || (pending && !take_over))
                             {
                                 return Err(Fail::Pending {
                                     key: key.clone(),
@@ -1819,6 +1824,14 @@ mod tests {
         let tb = b.task("t", "fp").await.unwrap();
         assert!(pending(tb.claim(keys(&["x"])).await).2);
         drop((tb, b));
+        let take_over = LedgerOptions {
+            take_over_pending: true,
+            ..opts
+        };
+        let b = Ledger::open(&path, "b", take_over).unwrap();
+        let tb = b.task("t", "fp").await.unwrap();
+        assert!(pending(tb.claim(keys(&["x"])).await).2);
+        drop((tb, b));
         // a is interrupted: its pending input waits for it, unless the cache is off.
         drop((ta, a));
         let b = Ledger::open(&path, "b", opts).unwrap();
@@ -1835,10 +1848,30 @@ mod tests {
             running,
         };
         assert!(err.to_string().contains("run a again"), "{err}");
+        assert!(err.to_string().contains("--take-over-pending"), "{err}");
         drop((tb, b));
+        // Taking over submits the pending input and still reuses the stored result,
+        // which --no-cache would submit again too.
+        let b = Ledger::open(&path, "b", take_over).unwrap();
+        let tb = b.task("t", "fp").await.unwrap();
+        assert_eq!(
+            tb.claim(keys(&["x", "y"])).await.unwrap(),
+            vec![Claim::Submit, Claim::Cached]
+        );
+        drop((tb, b));
+        // Once b has the input, a resumed takes b's result (b's run has ended).
         let b = Ledger::open(&path, "b", no_cache).unwrap();
         let tb = b.task("t", "fp").await.unwrap();
         assert_eq!(tb.claim(keys(&["x"])).await.unwrap(), vec![Claim::Submit]);
+        tb.store_results("tgrp_b", vec![done("x", true)])
+            .await
+            .unwrap();
+        b.finish().await.unwrap();
+        drop(tb);
+        let a = Ledger::open(&path, "a", opts).unwrap();
+        let ta = a.task("t", "fp").await.unwrap();
+        assert_eq!(ta.claim(keys(&["x"])).await.unwrap(), vec![Claim::Cached]);
+        drop((ta, a));
         // Another task's inputs are its own.
         let other = b.task("t", "fp2").await.unwrap();
         assert_eq!(
