@@ -291,7 +291,8 @@ fn fingerprint_bytes(key: &str) -> Option<[u8; 16]> {
 mod status {
     /// Claimed; its POST may or may not have reached the server.
     pub const QUEUED: &str = "queued";
-    /// The server accepted it.
+    /// The server has it: found in the group's runs when an interrupted attempt resumes
+    /// (see [`super::TaskLedger::reconcile`]). A run's id is recorded with its result.
     pub const SUBMITTED: &str = "submitted";
     pub const COMPLETED: &str = "completed";
     /// Failed, cancelled, or ended in any other way than completed.
@@ -1074,33 +1075,6 @@ impl TaskLedger {
         Ok(claims)
     }
 
-    /// Records the runs the server created for `keys` in `group_id`.
-    pub async fn record_added(
-        &self,
-        group_id: &str,
-        keys: Vec<String>,
-        run_ids: Vec<String>,
-    ) -> Result<(), LedgerError> {
-        let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
-        self.ledger
-            .blocking(move |c| -> rusqlite::Result<_> {
-                let tx = c.transaction()?;
-                {
-                    let mut s = tx.prepare_cached(
-                        "UPDATE runs SET status = 'submitted', group_id = ?4, run_id = ?5
-                         WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3 AND status = 'queued'",
-                    )?;
-                    for (key, run_id) in keys.iter().zip(&run_ids) {
-                        s.execute(params![task, DbKey::new(key), attempt, group, run_id])?;
-                    }
-                }
-                tx.commit()
-            })
-            .await?;
-        pause_point("runs.added");
-        Ok(())
-    }
-
     /// This attempt's runs of the task: how many, and how many still without a result.
     pub async fn counts(&self) -> Result<(u64, u64), LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
@@ -1708,10 +1682,8 @@ mod tests {
                 .group_or_create(|| async { Ok::<_, String>("tgrp_1".to_string()) })
                 .await
                 .unwrap();
-            t.record_added(&g, keys(&["a"]), keys(&["trun_a"]))
-                .await
-                .unwrap();
-            // Interrupted here: "b" was claimed but never reached the group.
+            assert_eq!(g, "tgrp_1");
+            // Interrupted here: "a" reached the group, "b" was claimed but never did.
         }
         {
             let l = Ledger::open(&path, "p", opts).unwrap();
@@ -1733,9 +1705,6 @@ mod tests {
             );
             let c = t.claim(keys(&["a", "b"])).await.unwrap();
             assert_eq!(c, vec![Claim::Resumed, Claim::Submit]);
-            t.record_added("tgrp_1", keys(&["b"]), keys(&["trun_b"]))
-                .await
-                .unwrap();
             assert_eq!(t.counts().await.unwrap(), (2, 2));
             t.store_results("tgrp_1", vec![done("a", true), done("b", false)])
                 .await

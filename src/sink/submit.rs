@@ -20,7 +20,7 @@ use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
 use crate::api::{Metadata, TaskRunInput, TaskSpec};
 use crate::client::{Client, ClientError, RunsQuery, row_key_of};
-use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger};
+use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger, pause_point};
 
 /// Rows encoded and claimed at a time.
 const SLICE_ROWS: usize = 1000;
@@ -212,10 +212,12 @@ pub async fn submit(
                         if b.event_cursor.is_some() {
                             event_cursor = b.event_cursor;
                         }
-                        ledger
-                            .record_added(g, b.row_keys, b.run_ids)
-                            .await
-                            .map_err(SubmitError::from)
+                        // The runs' ids are recorded with their results. Until then the
+                        // claims say enough: after an interruption the group's runs are
+                        // read back, and the claims the group lacks are sent again (see
+                        // `TaskLedger::reconcile`).
+                        pause_point("runs.added");
+                        Ok(())
                     }
                     Err(source) => Err(SubmitError::Client {
                         group_id: g.clone(),
