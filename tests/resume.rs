@@ -807,7 +807,7 @@ fn a_pipeline_never_pays_again_for_inputs_another_pipeline_has_pending() {
     assert!(server.runs().0 > 0);
     refused(
         &run_other(),
-        ": its input belongs to a run of pipeline research that is going on now",
+        ": its input belongs to a run of pipeline research that has started and not yet ended",
     );
     // Killed there, it is interrupted: its claims wait for it to be run again.
     first.kill().unwrap();

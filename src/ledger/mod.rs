@@ -66,7 +66,7 @@ pub enum LedgerError {
 pub fn pending_elsewhere(pipeline: &str, running: bool) -> String {
     if running {
         format!(
-            "belongs to a run of pipeline {pipeline} that is going on now (the same task, in the same state directory): run this pipeline again once that one has ended, and it reuses its results"
+            "belongs to a run of pipeline {pipeline} that has started and not yet ended (the same task, in the same state directory; that run may itself be waiting for this one): run this pipeline again once that one has ended, and it reuses its results"
         )
     } else {
         format!(
