@@ -100,6 +100,15 @@ impl ResultLog {
         &self.path
     }
 
+    /// Whether appends are made durable before they return.
+    pub fn syncs(&self) -> bool {
+        self.sync
+    }
+
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
+    }
+
     /// The file's size in bytes.
     pub fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())

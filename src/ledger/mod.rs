@@ -203,8 +203,8 @@ CREATE TABLE IF NOT EXISTS results (
 -- index writes per run.
 DROP INDEX IF EXISTS runs_by_group;
 -- `result_log`: the file name of the result log, once a compaction has replaced the first
--- one (`ledger.results`, beside the database); `unused_results`: the unused bytes in it that
--- a run could not compact because another pipeline had the ledger open.
+-- one (`ledger.results`, beside the database); `unused_results`: present from the moment a
+-- result in the log is replaced until a compaction has looked at the log.
 CREATE TABLE IF NOT EXISTS settings (
   name TEXT PRIMARY KEY,
   value TEXT NOT NULL
@@ -228,6 +228,9 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// [`Ledger::compact`]), which older versions would not look for. Older ledgers are
 /// converted when opened.
 const FORMAT: i64 = 3;
+/// The format an older ledger is brought to when opened: format 3 is written only by a
+/// compaction, so a ledger never compacted stays readable by versions before it.
+const OPEN_FORMAT: i64 = 2;
 
 /// Converts a format-0 ledger: the keys that are fingerprints become their 16 bytes, so
 /// the claims and results recorded before stay found.
@@ -305,8 +308,6 @@ pub struct Ledger {
     path: PathBuf,
     /// Results, appended (see [`log`]); used with `conn` locked, replaced by a compaction.
     log: std::sync::RwLock<log::ResultLog>,
-    /// Set once this attempt has left a result in the log unused, by replacing it.
-    replaced: std::sync::atomic::AtomicBool,
     pipeline: String,
     attempt: i64,
     session: String,
@@ -442,8 +443,8 @@ impl Ledger {
         if format < 2 {
             tx.execute_batch(TO_FORMAT_2).map_err(err)?;
         }
-        if format < FORMAT {
-            tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))
+        if format < OPEN_FORMAT {
+            tx.execute_batch(&format!("PRAGMA user_version = {OPEN_FORMAT}"))
                 .map_err(err)?;
         }
         let open: Option<i64> = tx
@@ -496,7 +497,6 @@ impl Ledger {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
             log: std::sync::RwLock::new(log),
-            replaced: Default::default(),
             pipeline: pipeline.to_string(),
             attempt,
             session,
@@ -595,97 +595,56 @@ impl Ledger {
 
     /// Rewrites the result log without the results no run points to any more — results
     /// replaced by a run with `--no-cache` or `--retry-failed`, appends a crash left behind
-    /// — once this attempt has replaced some and they take at least half as many bytes as
-    /// the ones still used (a third of the file), and at least [`COMPACT_MIN_BYTES`].
+    /// — once some were replaced since the last look (the transaction that replaces one
+    /// notes it in `settings`) and they take at least half as many bytes as the ones still
+    /// used (a third of the file), and at least [`COMPACT_MIN_BYTES`].
     /// Returns the log's size before and after, or `None` when it was left as it is.
     ///
     /// Only done when no other pipeline has the ledger open (its open log file would be the
-    /// old one), else noted for the next run that ends, whatever it replaced; done holding
-    /// the ledger's write lock throughout: a pipeline that starts
-    /// meanwhile waits, then opens the new log. The copy is made durable before the
-    /// transaction that points the runs and `settings.result_log` at it commits; a crash
-    /// before then leaves the old log in use and the copy for the next compaction to
-    /// delete, a crash after leaves the old log for it to delete.
+    /// old one), else left, still noted, to the next run that ends. Done holding the
+    /// ledger's write lock throughout: a pipeline that starts meanwhile waits (up to the
+    /// busy timeout, 30 s), then opens the new log. The copy is made durable before the
+    /// transaction that points the runs and `settings.result_log` at it commits, and that
+    /// commit before the old log is deleted; a crash before the commit leaves the old log
+    /// in use and the copy for the next compaction to delete, a crash after it the old log.
     pub async fn compact(self: &Arc<Self>) -> Result<Option<(u64, u64)>, LedgerError> {
         let me = self.clone();
-        let replaced = self.replaced.load(std::sync::atomic::Ordering::Relaxed);
         self.blocking(move |c| -> Result<_, Fail> {
-            // Without a result replaced in this attempt, or one noted by an earlier run
-            // that could not compact, the unused part is at most what a crash left (one
-            // batch at a time): not worth a scan of every run.
-            let noted = |c: &Connection| -> rusqlite::Result<bool> {
-                c.query_row(
-                    "SELECT count(*) FROM settings WHERE name = 'unused_results'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map(|n| n > 0)
-            };
-            if !replaced && !noted(c)? {
-                return Ok(None);
-            }
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let live: i64 = tx.query_row(
-                "SELECT coalesce(sum(result_len), 0) FROM runs NOT INDEXED
-                 WHERE result_at IS NOT NULL",
+            // Without a note of results replaced (made by the transaction that replaced
+            // them), the unused part is at most what a crash left (one batch at a time):
+            // not worth a scan of every run.
+            let noted: i64 = c.query_row(
+                "SELECT count(*) FROM settings WHERE name = 'unused_results'",
                 [],
                 |r| r.get(0),
             )?;
-            let before = me.log().len()?;
-            let unused = before.saturating_sub(live as u64);
-            if unused < COMPACT_MIN_BYTES || unused * 2 < live as u64 {
-                tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
-                tx.commit()?;
+            if noted == 0 {
                 return Ok(None);
             }
-            if me.shared() {
-                // Left to the next run that ends.
-                tx.execute(
-                    "INSERT OR REPLACE INTO settings (name, value) VALUES ('unused_results', ?1)",
-                    params![unused as i64],
-                )?;
-                tx.commit()?;
-                return Ok(None);
-            }
-            let first = log::path_for(&me.path);
-            let first = first
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            let current = me.log().path().to_path_buf();
-            let current_name = current.file_name().and_then(|n| n.to_str());
-            let dir = match me.path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            // Copies earlier compactions left behind (see above).
-            for entry in std::fs::read_dir(&dir)? {
-                let name = entry?.file_name();
-                let name = name.to_string_lossy();
-                if log::is_log_name(first, &name) && Some(&*name) != current_name {
-                    std::fs::remove_file(dir.join(&*name))?;
-                }
-            }
-            let next = me
-                .path
-                .with_file_name(log::next_name(first, current_name.unwrap_or(first)));
-            let copied = copy_live_results(&tx, &me.log(), &next);
-            let new_log = match copied {
-                Ok(l) => l,
+            // The commit that points the ledger at the copy must be on disk before the old
+            // log is deleted: in WAL mode with `synchronous = NORMAL` a commit is synced
+            // only at the next checkpoint, so a power loss could undo it and leave the
+            // ledger pointing into a deleted file.
+            c.execute_batch("PRAGMA synchronous = FULL")?;
+            let compacted = compact_in(c, &me);
+            c.execute_batch("PRAGMA synchronous = NORMAL")?;
+            let compacted = match compacted {
                 Err(e) => {
-                    let _ = std::fs::remove_file(&next);
+                    // A damaged record would fail every later try as well: the note goes,
+                    // and the next run that replaces results tries again.
+                    c.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
                     return Err(e);
                 }
+                Ok(compacted) => compacted,
             };
-            tx.execute(
-                "INSERT OR REPLACE INTO settings (name, value) VALUES ('result_log', ?1)",
-                params![next.file_name().map(|n| n.to_string_lossy())],
-            )?;
-            tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
-            tx.commit()?;
-            let after = new_log.len()?;
-            *me.log.write().unwrap_or_else(|p| p.into_inner()) = new_log;
-            std::fs::remove_file(&current)?;
+            let Some((new_log, before, after)) = compacted else {
+                return Ok(None);
+            };
+            let old = std::mem::replace(&mut *me.log.write().unwrap_or_else(|p| p.into_inner()), new_log);
+            // Left behind if this fails: the next compaction deletes it.
+            if let Err(e) = std::fs::remove_file(old.path()) {
+                tracing::warn!(path = %old.path().display(), error = %e, "the old result log stays");
+            }
             Ok(Some((before, after)))
         })
         .await
@@ -973,7 +932,7 @@ impl TaskLedger {
         let (attempt, task, session, options) =
             (l.attempt, self.task_id, l.session.clone(), l.options);
         let path = l.path.clone();
-        let (claims, replaced) = self
+        let claims = self
             .ledger
             .blocking(move |c| -> Result<_, Fail> {
                 // Other attempts met: (pipeline, running now), or None when finished.
@@ -1064,13 +1023,13 @@ impl TaskLedger {
                         claims.push(claim);
                     }
                 }
+                if replaced {
+                    note_unused(&tx)?;
+                }
                 tx.commit()?;
-                Ok((claims, replaced))
+                Ok(claims)
             })
             .await?;
-        if replaced {
-            l.replaced.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         pause_point("runs.claimed");
         Ok(claims)
     }
@@ -1142,8 +1101,7 @@ impl TaskLedger {
                         }
                         if old_at.is_some() {
                             // A failed result gives way (see `Ledger::compact`).
-                            me.replaced
-                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            note_unused(&tx)?;
                         }
                         let packed = pack_result(&r.json);
                         match kept.get(&row) {
@@ -1252,8 +1210,78 @@ impl TaskLedger {
     }
 }
 
+/// [`Ledger::compact`] on the connection: the new log (committed to, not yet in use in this
+/// process) and the old and new sizes, or `None` when the log stays as it is.
+fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog, u64, u64)>, Fail> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let live: i64 = tx.query_row(
+        "SELECT coalesce(sum(result_len), 0) FROM runs NOT INDEXED WHERE result_at IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    let before = me.log().len()?;
+    let unused = before.saturating_sub(live as u64);
+    if unused < COMPACT_MIN_BYTES || unused * 2 < live as u64 {
+        tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
+        tx.commit()?;
+        return Ok(None);
+    }
+    // Left, noted, to the next run that ends.
+    if me.shared() {
+        return Ok(None);
+    }
+    let first = log::path_for(&me.path);
+    let first = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let current = me.log().path().to_path_buf();
+    let current_name = current.file_name().and_then(|n| n.to_str());
+    let dir = match me.path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Copies earlier compactions left behind, and old logs they could not delete.
+    for entry in std::fs::read_dir(&dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if log::is_log_name(first, &name) && Some(&*name) != current_name {
+            std::fs::remove_file(dir.join(&*name))?;
+        }
+    }
+    let next = me
+        .path
+        .with_file_name(log::next_name(first, current_name.unwrap_or(first)));
+    let copied = copy_live_results(&tx, &me.log(), &next);
+    let new_log = match copied {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&next);
+            return Err(e);
+        }
+    };
+    let after = new_log.len()?;
+    tx.execute(
+        "INSERT OR REPLACE INTO settings (name, value) VALUES ('result_log', ?1)",
+        params![next.file_name().map(|n| n.to_string_lossy())],
+    )?;
+    tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
+    tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))?;
+    tx.commit()?;
+    Ok(Some((new_log, before, after)))
+}
+
 /// Unused bytes in the result log below which [`Ledger::compact`] leaves it as it is.
 pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
+/// Notes in `tx` that results in the log were left unused, for [`Ledger::compact`].
+fn note_unused(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO settings (name, value) VALUES ('unused_results', 'yes')",
+    )?
+    .execute([])
+    .map(|_| ())
+}
 
 /// Copies every result a run points to from `log` into a new log at `to`, in the runs'
 /// order, and points the runs at their copies (in `tx`). The copy is durable on return.
@@ -1264,7 +1292,8 @@ fn copy_live_results(
 ) -> Result<log::ResultLog, Fail> {
     /// Results read and written at a time.
     const CHUNK: usize = 4096;
-    let new_log = log::ResultLog::create(to.to_path_buf(), false)?;
+    // Synced once at the end; later appends sync as the old log's did.
+    let mut new_log = log::ResultLog::create(to.to_path_buf(), false)?;
     let mut moves: Vec<(i64, u64)> = Vec::new();
     {
         let mut s = tx.prepare(
@@ -1294,7 +1323,13 @@ fn copy_live_results(
             let key = match r.get_ref(2)? {
                 ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
                 ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                _ => continue,
+                other => {
+                    return Err(Fail::Log(std::io::Error::other(format!(
+                        "run {} has an input key of type {:?}",
+                        r.get::<_, i64>(0)?,
+                        other.data_type()
+                    ))));
+                }
             };
             let (at, len): (i64, i64) = (r.get(3)?, r.get(4)?);
             chunk.push((r.get(0)?, owner(task, &key), at as u64, len as usize));
@@ -1307,6 +1342,7 @@ fn copy_live_results(
         }
     }
     new_log.sync_all()?;
+    new_log.set_sync(log.syncs());
     let mut point = tx.prepare("UPDATE runs SET result_at = ?2 WHERE rowid = ?1")?;
     for (row, at) in moves {
         point.execute(params![row, at as i64])?;
@@ -1582,6 +1618,14 @@ mod tests {
                 .collect();
             t.store_results("tgrp_1", stored).await.unwrap();
             l.finish().await.unwrap();
+            if round == 1 {
+                // Never compacted: still readable by the versions before compaction.
+                let c = Connection::open(&path).unwrap();
+                let format: i64 = c
+                    .query_row("PRAGMA user_version", [], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(format, OPEN_FORMAT);
+            }
             if round == 3 {
                 // Another pipeline has the ledger open: its log file must stay the one in use.
                 let other = Ledger::open(&path, "q", LedgerOptions::default()).unwrap();
@@ -1945,7 +1989,7 @@ mod tests {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .unwrap();
-            assert_eq!((version, index), (FORMAT, 0), "format {format}");
+            assert_eq!((version, index), (OPEN_FORMAT, 0), "format {format}");
             // A ledger from a newer groupflow is refused, not misread.
             c.execute_batch(&format!("PRAGMA user_version = {}", FORMAT + 1))
                 .unwrap();
