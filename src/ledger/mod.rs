@@ -1152,6 +1152,18 @@ impl TaskLedger {
         Ok(())
     }
 
+    /// Passes pause point `name` (see [`pause_point`]) with the ledger idle: holding the
+    /// connection, so no transaction of this process is open while it is stopped, and
+    /// other pipelines sharing the ledger are not held up by it.
+    pub async fn pause_idle(&self, name: &'static str) -> Result<(), LedgerError> {
+        self.ledger
+            .blocking(move |_| -> rusqlite::Result<()> {
+                pause_point(name);
+                Ok(())
+            })
+            .await
+    }
+
     /// Copies the write-ahead log into the database and empties it. Reading many results
     /// goes faster afterwards: each page read no longer searches the log's index first.
     pub async fn checkpoint(&self) -> Result<(), LedgerError> {

@@ -20,7 +20,7 @@ use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
 use crate::api::{Metadata, TaskRunInput, TaskSpec};
 use crate::client::{Client, ClientError, RunsQuery, row_key_of};
-use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger, pause_point};
+use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger};
 
 /// Rows encoded and claimed at a time.
 const SLICE_ROWS: usize = 1000;
@@ -216,8 +216,10 @@ pub async fn submit(
                         // claims say enough: after an interruption the group's runs are
                         // read back, and the claims the group lacks are sent again (see
                         // `TaskLedger::reconcile`).
-                        pause_point("runs.added");
-                        Ok(())
+                        ledger
+                            .pause_idle("runs.added")
+                            .await
+                            .map_err(SubmitError::from)
                     }
                     Err(source) => Err(SubmitError::Client {
                         group_id: g.clone(),
