@@ -32,22 +32,22 @@ pub fn path_for(ledger: &Path) -> PathBuf {
 /// itself, or a compaction's copy of it (`first` then `.` and its number, see
 /// [`next_name`]).
 pub fn is_log_name(first: &str, name: &str) -> bool {
-    name == first
-        || name
-            .strip_prefix(first)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    name == first || copy_number(first, name).is_some()
 }
 
 /// The name of the log a compaction of the log named `current` copies into: `first.1`,
 /// then `first.2`, and so on.
 pub fn next_name(first: &str, current: &str) -> String {
-    let n: u64 = current
-        .strip_prefix(first)
-        .and_then(|rest| rest.strip_prefix('.'))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    format!("{first}.{}", n + 1)
+    format!("{first}.{}", copy_number(first, current).unwrap_or(0) + 1)
+}
+
+/// N when `name` is `first.N`, the N-th compaction's copy of the log.
+fn copy_number(first: &str, name: &str) -> Option<u64> {
+    let n = name.strip_prefix(first)?.strip_prefix('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// The checksum before each payload.

@@ -640,28 +640,32 @@ impl Ledger {
             let Some((new_log, before, after)) = compacted else {
                 return Ok(None);
             };
-            let old = std::mem::replace(&mut *me.log.write().unwrap_or_else(|p| p.into_inner()), new_log);
+            let mut log = me.log.write().unwrap_or_else(|p| p.into_inner());
+            let old = std::mem::replace(&mut *log, new_log);
+            drop(log);
             // Left behind if this fails: the next compaction deletes it.
             if let Err(e) = std::fs::remove_file(old.path()) {
-                tracing::warn!(path = %old.path().display(), error = %e, "the old result log stays");
+                let path = old.path().display();
+                tracing::warn!(%path, error = %e, "the old result log stays");
             }
             Ok(Some((before, after)))
         })
         .await
     }
 
+    /// The folder the ledger is in (the state directory).
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// True when another pipeline has this ledger open (holds its lock beside it), or may
     /// be about to: a lock that cannot be taken for an instant counts as held.
     fn shared(&self) -> bool {
         let mine = lock_path(&self.path, &self.pipeline);
-        let Some(dir) = self.path.parent() else {
-            return true;
-        };
-        let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) else {
+        let Ok(entries) = std::fs::read_dir(self.dir()) else {
             return true;
         };
         entries.flatten().any(|entry| {
@@ -1249,10 +1253,7 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
         .unwrap_or_default();
     let current = me.log().path().to_path_buf();
     let current_name = current.file_name().and_then(|n| n.to_str());
-    let dir = match me.path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = me.dir();
     // Copies earlier compactions left behind, and old logs they could not delete.
     for entry in std::fs::read_dir(&dir)? {
         let name = entry?.file_name();
@@ -1333,7 +1334,7 @@ fn copy_live_results(
         while let Some(r) = rows.next()? {
             let task: i64 = r.get(1)?;
             let key = match r.get_ref(2)? {
-                ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+                ValueRef::Blob(b) => hex(b),
                 ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
                 other => {
                     return Err(Fail::Log(std::io::Error::other(format!(
@@ -1426,9 +1427,13 @@ pub enum GroupError<E> {
 
 /// A 128-bit BLAKE3 fingerprint, as 32 hex digits.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    let hash = blake3::hash(bytes);
-    let mut out = String::with_capacity(32);
-    for b in &hash.as_bytes()[..16] {
+    hex(&blake3::hash(bytes).as_bytes()[..16])
+}
+
+/// `bytes` as lowercase hex digits (a fingerprint key's text, from its stored 16 bytes).
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
         use std::fmt::Write;
         let _ = write!(out, "{b:02x}");
     }
