@@ -134,7 +134,6 @@ impl ClaimCounts {
 #[derive(Clone, Debug)]
 pub struct StoredResult {
     pub input_key: String,
-    pub run_id: String,
     /// True for `completed`.
     pub completed: bool,
     /// The run's event (`run`, `output`) as JSON.
@@ -180,6 +179,9 @@ CREATE TABLE IF NOT EXISTS groups (
   PRIMARY KEY (attempt, task_id)
 );
 -- `input_key` is a BLOB of 16 bytes for fingerprints, text for any other key (see DbKey).
+-- `group_id` and `run_id` are only filled in ledgers written before they went unused: the
+-- run id is in the stored result, the group in `groups`, and a row without them is about
+-- half as wide, so claiming and linking results rewrite half as many pages.
 CREATE TABLE IF NOT EXISTS runs (
   task_id INTEGER NOT NULL,
   input_key NOT NULL,
@@ -857,32 +859,20 @@ impl TaskLedger {
     /// After an interruption: `found` are the (input key, run id) pairs the group holds.
     /// Claims of this attempt the group has are marked submitted; claims it lacks (their
     /// POST never arrived) are dropped so they are claimed and sent again.
-    pub async fn reconcile(
-        &self,
-        group_id: Option<&str>,
-        found: Vec<(String, String)>,
-    ) -> Result<Reconciled, LedgerError> {
+    pub async fn reconcile(&self, found: Vec<String>) -> Result<Reconciled, LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
-        let group = group_id.map(str::to_string);
         self.ledger
             .blocking(move |c| -> rusqlite::Result<_> {
                 let tx = c.transaction()?;
                 let mut out = Reconciled::default();
                 {
                     let mut mark = tx.prepare(
-                        "UPDATE runs SET status = ?4, group_id = ?5, run_id = ?6
+                        "UPDATE runs SET status = ?4
                          WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3
                            AND status = 'queued'",
                     )?;
-                    for (key, run_id) in &found {
-                        mark.execute(params![
-                            task,
-                            DbKey::new(key),
-                            attempt,
-                            status::SUBMITTED,
-                            group,
-                            run_id
-                        ])?;
+                    for key in &found {
+                        mark.execute(params![task, DbKey::new(key), attempt, status::SUBMITTED])?;
                     }
                 }
                 out.dropped = tx.execute(
@@ -1058,12 +1048,8 @@ impl TaskLedger {
 
     /// Stores ended runs of this attempt's group. A completed result is never replaced by
     /// a failed one (when an input has two runs, the completed one wins).
-    pub async fn store_results(
-        &self,
-        group_id: &str,
-        results: Vec<StoredResult>,
-    ) -> Result<(), LedgerError> {
-        let (attempt, task, group) = (self.ledger.attempt, self.task_id, group_id.to_string());
+    pub async fn store_results(&self, results: Vec<StoredResult>) -> Result<(), LedgerError> {
+        let (attempt, task) = (self.ledger.attempt, self.task_id);
         let me = self.ledger.clone();
         self.ledger
             .blocking(move |c| -> Result<(), Fail> {
@@ -1128,8 +1114,8 @@ impl TaskLedger {
                     let at = me.log().append(&records)?;
                     pause_point("results.logged");
                     let mut link = tx.prepare_cached(
-                        "UPDATE runs SET status = ?2, run_id = ?3, result_at = ?4,
-                           result_len = ?5, result_id = NULL, group_id = ?6
+                        "UPDATE runs SET status = ?2, result_at = ?3, result_len = ?4,
+                           result_id = NULL
                          WHERE rowid = ?1",
                     )?;
                     let mut drop_result =
@@ -1141,7 +1127,7 @@ impl TaskLedger {
                             status::FAILED
                         };
                         let (at, len) = (at as i64, len as i64);
-                        link.execute(params![row, st, r.run_id, at, len, group])?;
+                        link.execute(params![row, st, at, len])?;
                         // A result replaced in the log stays there, unreferenced.
                         if let Some(old) = old_id {
                             drop_result.execute(params![old])?;
@@ -1471,7 +1457,7 @@ mod tests {
                 json: json.clone(),
                 ..done("a", true)
             };
-            t.store_results("tgrp_1", vec![a, done("b", true), done("c", true)])
+            t.store_results(vec![a, done("b", true), done("c", true)])
                 .await
                 .unwrap();
             l.finish().await.unwrap();
@@ -1557,7 +1543,7 @@ mod tests {
                 json: format!("{{\"k\":\"{want}\"}}"),
                 ..done("a", completed)
             };
-            t.store_results("tgrp_1", vec![r]).await.unwrap();
+            t.store_results(vec![r]).await.unwrap();
             assert_eq!(t.counts().await.unwrap(), (1, 0));
             let read = t.results(keys(&["a"])).await.unwrap();
             assert_eq!(
@@ -1577,7 +1563,7 @@ mod tests {
         let ks: Vec<String> = (0..500).map(|i| format!("k{i}")).collect();
         t.claim(ks.clone()).await.unwrap();
         let stored = ks.iter().map(|k| done(k, true)).collect();
-        t.store_results("tgrp_1", stored).await.unwrap();
+        t.store_results(stored).await.unwrap();
         let wal = dir.path().join("ledger.sqlite-wal");
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
         t.checkpoint().await.unwrap();
@@ -1633,7 +1619,7 @@ mod tests {
                     ..done(k, true)
                 })
                 .collect();
-            t.store_results("tgrp_1", stored).await.unwrap();
+            t.store_results(stored).await.unwrap();
             l.finish().await.unwrap();
             if round == 1 {
                 // Never compacted: still readable by the versions before compaction.
@@ -1700,7 +1686,7 @@ mod tests {
                 ..done(k, true)
             })
             .collect();
-        t.store_results("tgrp_1", stored).await.unwrap();
+        t.store_results(stored).await.unwrap();
         l.finish().await.unwrap();
         assert!(l.compact().await.unwrap().is_some());
         assert_eq!(result_logs(dir.path()), ["ledger.results.3"]);
@@ -1717,7 +1703,6 @@ mod tests {
     fn done(key: &str, completed: bool) -> StoredResult {
         StoredResult {
             input_key: key.into(),
-            run_id: format!("trun_{key}"),
             completed,
             json: format!("{{\"k\":\"{key}\"}}"),
         }
@@ -1753,10 +1738,7 @@ mod tests {
             assert!(t.should_reconcile());
             assert!(!t.should_reconcile());
             assert_eq!(t.group().await.unwrap().as_deref(), Some("tgrp_1"));
-            let r = t
-                .reconcile(Some("tgrp_1"), vec![("a".into(), "trun_a".into())])
-                .await
-                .unwrap();
+            let r = t.reconcile(vec!["a".into()]).await.unwrap();
             assert_eq!(
                 r,
                 Reconciled {
@@ -1767,13 +1749,11 @@ mod tests {
             let c = t.claim(keys(&["a", "b"])).await.unwrap();
             assert_eq!(c, vec![Claim::Resumed, Claim::Submit]);
             assert_eq!(t.counts().await.unwrap(), (2, 2));
-            t.store_results("tgrp_1", vec![done("a", true), done("b", false)])
+            t.store_results(vec![done("a", true), done("b", false)])
                 .await
                 .unwrap();
             // A failed result never replaces a completed one.
-            t.store_results("tgrp_1", vec![done("a", false)])
-                .await
-                .unwrap();
+            t.store_results(vec![done("a", false)]).await.unwrap();
             assert_eq!(t.counts().await.unwrap(), (2, 0));
             l.finish().await.unwrap();
         }
@@ -1824,9 +1804,7 @@ mod tests {
         let a = Ledger::open(&path, "a", opts).unwrap();
         let ta = a.task("t", "fp").await.unwrap();
         ta.claim(keys(&["x", "y"])).await.unwrap();
-        ta.store_results("tgrp_a", vec![done("y", true)])
-            .await
-            .unwrap();
+        ta.store_results(vec![done("y", true)]).await.unwrap();
         let pending = |r: Result<Vec<Claim>, LedgerError>| match r {
             Err(LedgerError::Pending {
                 key,
@@ -1893,9 +1871,7 @@ mod tests {
         let b = Ledger::open(&path, "b", no_cache).unwrap();
         let tb = b.task("t", "fp").await.unwrap();
         assert_eq!(tb.claim(keys(&["x"])).await.unwrap(), vec![Claim::Submit]);
-        tb.store_results("tgrp_b", vec![done("x", true)])
-            .await
-            .unwrap();
+        tb.store_results(vec![done("x", true)]).await.unwrap();
         b.finish().await.unwrap();
         drop(tb);
         let a = Ledger::open(&path, "a", opts).unwrap();
@@ -1978,9 +1954,7 @@ mod tests {
                     [vec![Claim::Cached; 3], vec![Claim::Submit]].concat(),
                     "format {format}"
                 );
-                t.store_results("tgrp_2", vec![done(&fp(3), true)])
-                    .await
-                    .unwrap();
+                t.store_results(vec![done(&fp(3), true)]).await.unwrap();
                 let read = t.results(more).await.unwrap();
                 for (k, r) in ks.iter().chain([&fp(3)]).zip(&read) {
                     let want = format!("{{\"k\":\"{k}\"}}");
@@ -2031,7 +2005,7 @@ mod tests {
             with("b", false, "b lost"),
             with("b", true, "b won"),
         ];
-        t.store_results("tgrp_1", batch).await.unwrap();
+        t.store_results(batch).await.unwrap();
         let read = t.results(keys(&["a", "b"])).await.unwrap();
         assert_eq!(read[0].as_deref(), Some("{\"k\":\"a won\"}"));
         assert_eq!(read[1].as_deref(), Some("{\"k\":\"b won\"}"));

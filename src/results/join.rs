@@ -116,21 +116,18 @@ pub async fn store_results(
         // Stored as it came: the output is decoded when the rows are joined.
         slice.push(StoredResult {
             input_key,
-            run_id: run.run_id,
             completed: run.status == RunStatus::Completed,
             json: run.data,
         });
         if slice.len() == STORE_ROWS {
             read.stored += slice.len() as u64;
-            ledger
-                .store_results(group_id, std::mem::take(&mut slice))
-                .await?;
+            ledger.store_results(std::mem::take(&mut slice)).await?;
             slice.reserve(STORE_ROWS);
         }
     }
     if !slice.is_empty() {
         read.stored += slice.len() as u64;
-        ledger.store_results(group_id, slice).await?;
+        ledger.store_results(slice).await?;
     }
     Ok(read)
 }

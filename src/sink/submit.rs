@@ -154,7 +154,7 @@ pub async fn submit(
             },
             None => Vec::new(),
         };
-        let r = ledger.reconcile(group_id.as_deref(), found).await?;
+        let r = ledger.reconcile(found).await?;
         tracing::info!(
             group = group_id.as_deref().unwrap_or("-"),
             found = r.found,
@@ -271,14 +271,14 @@ pub async fn submit(
     })
 }
 
-/// The (input key, run id) of every run in `group_id`.
-async fn group_keys(client: &Client, group_id: &str) -> Result<Vec<(String, String)>, ClientError> {
+/// The input key of every run in `group_id`.
+async fn group_keys(client: &Client, group_id: &str) -> Result<Vec<String>, ClientError> {
     let mut runs = client.runs_stream(group_id, RunsQuery::default());
     let mut found = Vec::new();
     while let Some(ev) = runs.next().await {
         let ev = ev?;
         if let Some(key) = crate::results::run_row_key(&ev) {
-            found.push((key, ev.run.run_id));
+            found.push(key);
         }
     }
     Ok(found)
