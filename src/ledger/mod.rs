@@ -608,7 +608,8 @@ impl Ledger {
     /// busy timeout, 30 s), then opens the new log. The copy is made durable before the
     /// transaction that points the runs and `settings.result_log` at it commits, and that
     /// commit before the old log is deleted; a crash before the commit leaves the old log
-    /// in use and the copy for the next compaction to delete, a crash after it the old log.
+    /// in use and the copy, a crash after it the old log: either is deleted at the end of
+    /// the next run that has the ledger to itself (`remove_stray_logs`).
     pub async fn compact(self: &Arc<Self>) -> Result<Option<(u64, u64)>, LedgerError> {
         let me = self.clone();
         self.blocking(move |c| -> Result<_, Fail> {
@@ -621,6 +622,13 @@ impl Ledger {
                 |r| r.get(0),
             )?;
             if noted == 0 {
+                // What a crash left (a copy, or the old log after the commit) goes now,
+                // not at the next compaction, which may be many runs away.
+                if !me.shared()
+                    && let Err(e) = remove_stray_logs(&me)
+                {
+                    tracing::warn!(error = %e, "a result log left by an earlier run stays");
+                }
                 return Ok(None);
             }
             // The commit that points the ledger at the copy must be on disk before the old
@@ -1232,6 +1240,7 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
     if me.shared() {
         return Ok(None);
     }
+    remove_stray_logs(me)?;
     let first = log::path_for(&me.path);
     let first = first
         .file_name()
@@ -1239,15 +1248,6 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
         .unwrap_or_default();
     let current = me.log().path().to_path_buf();
     let current_name = current.file_name().and_then(|n| n.to_str());
-    let dir = me.dir();
-    // Copies earlier compactions left behind, and old logs they could not delete.
-    for entry in std::fs::read_dir(&dir)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if log::is_log_name(first, &name) && Some(&*name) != current_name {
-            std::fs::remove_file(dir.join(&*name))?;
-        }
-    }
     let next = me
         .path
         .with_file_name(log::next_name(first, current_name.unwrap_or(first)));
@@ -1268,6 +1268,29 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
     tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))?;
     tx.commit()?;
     Ok(Some((new_log, before, after)))
+}
+
+/// Deletes the result logs beside the ledger other than the one in use: copies a crash
+/// left during a compaction, and old logs a crash (or a failed delete) left after one. Only
+/// with no other pipeline holding the ledger open (the caller checks), under the ledger's
+/// connection: no other process has a log open, and none is being written.
+fn remove_stray_logs(me: &Ledger) -> std::io::Result<()> {
+    let first = log::path_for(&me.path);
+    let first = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let current = me.log().path().to_path_buf();
+    let current_name = current.file_name().and_then(|n| n.to_str());
+    let dir = me.dir();
+    for entry in std::fs::read_dir(&dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if log::is_log_name(first, &name) && Some(&*name) != current_name {
+            std::fs::remove_file(dir.join(&*name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Unused bytes in the result log below which [`Ledger::compact`] leaves it as it is.
@@ -1698,6 +1721,23 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(format, FORMAT);
+        drop((t, l));
+        // The old log a crash after the commit left, and a copy a crash left, go at the end
+        // of the next run, though it replaces nothing: not while another pipeline is open.
+        std::fs::write(dir.path().join("ledger.results.2"), b"old log").unwrap();
+        std::fs::write(dir.path().join("ledger.results.9"), b"left over").unwrap();
+        let logs = ["ledger.results.2", "ledger.results.3", "ledger.results.9"];
+        let l = Ledger::open(&path, "p", LedgerOptions::default()).unwrap();
+        let other = Ledger::open(&path, "q", LedgerOptions::default()).unwrap();
+        l.finish().await.unwrap();
+        assert_eq!(l.compact().await.unwrap(), None);
+        assert_eq!(result_logs(dir.path()), logs);
+        drop(other);
+        assert_eq!(l.compact().await.unwrap(), None);
+        assert_eq!(result_logs(dir.path()), ["ledger.results.3"]);
+        let t = l.task("t", "fp").await.unwrap();
+        let read = t.results(ks.clone()).await.unwrap();
+        assert_eq!(read[7].as_deref(), Some(json(&ks[7], 4).as_str()));
     }
 
     fn done(key: &str, completed: bool) -> StoredResult {
