@@ -625,9 +625,10 @@ impl Ledger {
                 // What a crash left (a copy, or the old log after the commit) goes now,
                 // not at the next compaction, which may be many runs away.
                 if !me.shared()
-                    && let Err(e) = remove_stray_logs(&me)
+                    && let Err(Fail::File(path, e)) = remove_stray_logs(&me)
                 {
-                    tracing::warn!(error = %e, "a result log left by an earlier run stays");
+                    let path = path.display();
+                    tracing::warn!(%path, error = %e, "a result log left by an earlier run stays");
                 }
                 return Ok(None);
             }
@@ -710,6 +711,10 @@ impl Ledger {
                     path: me.log().path().to_path_buf(),
                     message: e.to_string(),
                 },
+                Fail::File(path, e) => LedgerError::Io {
+                    path,
+                    message: e.to_string(),
+                },
                 Fail::Pending {
                     key,
                     pipeline,
@@ -782,7 +787,10 @@ fn unfinished_attempt(
 /// of an input pending elsewhere.
 enum Fail {
     Sql(rusqlite::Error),
+    /// About the result log in use.
     Log(std::io::Error),
+    /// About another file (a compaction's new log, a log left over).
+    File(PathBuf, std::io::Error),
     Pending {
         key: String,
         pipeline: String,
@@ -1259,7 +1267,7 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
             return Err(e);
         }
     };
-    let after = new_log.len()?;
+    let after = new_log.len().map_err(|e| Fail::File(next.clone(), e))?;
     tx.execute(
         "INSERT OR REPLACE INTO settings (name, value) VALUES ('result_log', ?1)",
         params![next.file_name().map(|n| n.to_string_lossy())],
@@ -1274,7 +1282,7 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
 /// left during a compaction, and old logs a crash (or a failed delete) left after one. Only
 /// with no other pipeline holding the ledger open (the caller checks), under the ledger's
 /// connection: no other process has a log open, and none is being written.
-fn remove_stray_logs(me: &Ledger) -> std::io::Result<()> {
+fn remove_stray_logs(me: &Ledger) -> Result<(), Fail> {
     let first = log::path_for(&me.path);
     let first = first
         .file_name()
@@ -1283,11 +1291,13 @@ fn remove_stray_logs(me: &Ledger) -> std::io::Result<()> {
     let current = me.log().path().to_path_buf();
     let current_name = current.file_name().and_then(|n| n.to_str());
     let dir = me.dir();
-    for entry in std::fs::read_dir(&dir)? {
-        let name = entry?.file_name();
+    let in_dir = |e| Fail::File(dir.clone(), e);
+    for entry in std::fs::read_dir(&dir).map_err(in_dir)? {
+        let name = entry.map_err(in_dir)?.file_name();
         let name = name.to_string_lossy();
         if log::is_log_name(first, &name) && Some(&*name) != current_name {
-            std::fs::remove_file(dir.join(&*name))?;
+            let path = dir.join(&*name);
+            std::fs::remove_file(&path).map_err(|e| Fail::File(path, e))?;
         }
     }
     Ok(())
@@ -1315,7 +1325,8 @@ fn copy_live_results(
     /// Results read and written at a time.
     const CHUNK: usize = 4096;
     // Synced once at the end; later appends sync as the old log's did.
-    let mut new_log = log::ResultLog::create(to.to_path_buf(), false)?;
+    let to_new = |e| Fail::File(to.to_path_buf(), e);
+    let mut new_log = log::ResultLog::create(to.to_path_buf(), false).map_err(to_new)?;
     let mut moves: Vec<(i64, u64)> = Vec::new();
     {
         let mut s = tx.prepare(
@@ -1335,7 +1346,7 @@ fn copy_live_results(
                 .zip(&payloads)
                 .map(|((_, o, _, _), p)| (o.as_slice(), p.as_slice()))
                 .collect();
-            let at = new_log.append(&records)?;
+            let at = new_log.append(&records).map_err(to_new)?;
             moves.extend(chunk.iter().zip(at).map(|((row, ..), (at, _))| (*row, at)));
             chunk.clear();
             Ok(())
@@ -1363,7 +1374,7 @@ fn copy_live_results(
             flush(&mut chunk)?;
         }
     }
-    new_log.sync_all()?;
+    new_log.sync_all().map_err(to_new)?;
     new_log.set_sync(log.syncs());
     let mut point = tx.prepare("UPDATE runs SET result_at = ?2 WHERE rowid = ?1")?;
     for (row, at) in moves {
@@ -1738,6 +1749,26 @@ mod tests {
         let t = l.task("t", "fp").await.unwrap();
         let read = t.results(ks.clone()).await.unwrap();
         assert_eq!(read[7].as_deref(), Some(json(&ks[7], 4).as_str()));
+        drop((t, l));
+        // A file that cannot be deleted fails the compaction with an error naming it (not
+        // the log in use), and the results stay where they were.
+        std::fs::create_dir(dir.path().join("ledger.results.8")).unwrap();
+        let l = Ledger::open(&path, "p", no_cache).unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        t.claim(ks.clone()).await.unwrap();
+        let stored = ks
+            .iter()
+            .map(|k| StoredResult {
+                json: json(k, 5),
+                ..done(k, true)
+            })
+            .collect();
+        t.store_results(stored).await.unwrap();
+        l.finish().await.unwrap();
+        let e = l.compact().await.unwrap_err().to_string();
+        assert!(e.contains("ledger.results.8"), "{e}");
+        let read = t.results(ks.clone()).await.unwrap();
+        assert_eq!(read[7].as_deref(), Some(json(&ks[7], 5).as_str()));
     }
 
     fn done(key: &str, completed: bool) -> StoredResult {
