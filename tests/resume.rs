@@ -915,3 +915,42 @@ fn two_runs_of_one_pipeline_cannot_share_a_state_directory() {
     );
     assert!(!dir.path().join("out").exists());
 }
+
+#[test]
+fn a_step_that_reads_a_few_rows_still_keeps_every_result_it_paid_for() {
+    const N: usize = 20_000;
+    let dir = project_sized("core", 0.0, N, N);
+    // 20,000 runs of 50–150 ms, 500 at a time: about 4 s. The filter passes rows on 8,192 at
+    // a time, so the step has its one row once about 9,000 runs have ended, and stops
+    // reading while the rest run.
+    let server = Serve::start(
+        &dir.path().join("server.sqlite"),
+        &["--sim-latency-ms", "50..150", "--concurrency", "500"],
+    );
+    let research = std::fs::read_to_string(dir.path().join("research.yaml")).unwrap();
+    let (head, _) = research.split_once("steps:").unwrap();
+    let first = head.replace("name: research", "name: first")
+        + "steps:
+  - name: one
+    sql: SELECT id, founded_year FROM enrich('research', 'companies') WHERE founded_year > 0 LIMIT 1
+outputs:
+  - { from: one, path: out/one.csv }
+";
+    std::fs::write(dir.path().join("first.yaml"), first).unwrap();
+    let out = pipeline_command(dir.path(), &server, "first.yaml", &[], &[])
+        .output()
+        .expect("run groupflow");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let one = std::fs::read_to_string(dir.path().join("out/one.csv")).unwrap();
+    assert_eq!(one.lines().count(), 2, "{one}");
+    assert_eq!(server.runs(), (N as u64, N as u64));
+    // Every run it paid for has its result: the whole pipeline pays for nothing more.
+    let all = run_ok(dir.path(), &server, &[]);
+    assert!(
+        all.contains(&format!(
+            "rows in {N}, runs submitted 0, runs saved {N} ({N} cached"
+        )),
+        "{all}"
+    );
+    assert_eq!(server.runs().0, N as u64);
+}

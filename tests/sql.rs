@@ -631,3 +631,60 @@ async fn every_row_appears_exactly_once_across_batches() {
     insta::assert_snapshot!("many_rows", table);
     env.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn joined_rows_come_out_while_the_group_still_runs() {
+    let t = task(json!({
+        "processor": "lite",
+        "input": "Item {id}",
+        "output": {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+    }));
+    // 4,096 runs of 100–300 ms, 256 at a time: about 3 s for the group, while the runs of
+    // the first 1,024 rows (one joined batch) end after about 0.8 s.
+    let config = ServerConfig {
+        concurrency: 256,
+        sim: SimConfig {
+            latency: std::time::Duration::from_millis(100)..=std::time::Duration::from_millis(300),
+            ..SimConfig::default()
+        },
+        ..ServerConfig::for_tests()
+    };
+    let env = Env::start(config, vec![("score", t)]).await;
+    let mut stream = env
+        .ctx
+        .sql(
+            "SELECT id, run_status, score \
+             FROM enrich('score', 'SELECT value AS id FROM generate_series(1, 4096)')",
+        )
+        .await
+        .unwrap()
+        .execute_stream()
+        .await
+        .unwrap();
+    use futures::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    let client = Client::new(ClientConfig::new(env.server.base_url())).unwrap();
+    let group = env.groups().pop().expect("a group");
+    let status = client.get_group(&group).await.unwrap().status;
+    assert!(
+        status.is_active,
+        "the first rows came only once the group had ended: {status:?}"
+    );
+    // Those rows are whole: in order, each with its result.
+    let ids = first.column_by_name("id").unwrap();
+    let ids = datafusion::arrow::array::AsArray::as_primitive::<
+        datafusion::arrow::datatypes::Int64Type,
+    >(ids);
+    assert!(first.num_rows() > 0);
+    assert!(ids.values().iter().copied().eq(1..=first.num_rows() as i64));
+    assert_eq!(first.column_by_name("score").unwrap().null_count(), 0);
+    // The rest follow, every row once, each with its result.
+    let mut n = first.num_rows();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.unwrap();
+        assert_eq!(batch.column_by_name("score").unwrap().null_count(), 0);
+        n += batch.num_rows();
+    }
+    assert_eq!(n, 4096);
+    env.server.shutdown().await;
+}

@@ -319,6 +319,8 @@ pub struct Ledger {
     group_creation: tokio::sync::Mutex<()>,
     /// Tasks reconciled since this resumed attempt was opened.
     reconciled: Mutex<std::collections::HashSet<i64>>,
+    /// Bumped each time results are stored (see [`TaskLedger::stored_changes`]).
+    stored: tokio::sync::watch::Sender<u64>,
     _lock: Option<File>,
     _temp: Option<tempfile::TempDir>,
 }
@@ -506,6 +508,7 @@ impl Ledger {
             options,
             group_creation: tokio::sync::Mutex::new(()),
             reconciled: Mutex::default(),
+            stored: tokio::sync::watch::Sender::new(0),
             _lock: lock,
             _temp: temp,
         }))
@@ -1154,8 +1157,15 @@ impl TaskLedger {
                 Ok(())
             })
             .await?;
+        self.ledger.stored.send_modify(|n| *n = n.wrapping_add(1));
         pause_point("results.stored");
         Ok(())
+    }
+
+    /// Changes each time results (of any task) are stored: whoever waits for a result
+    /// looks again after each change.
+    pub fn stored_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ledger.stored.subscribe()
     }
 
     /// Passes pause point `name` (see [`pause_point`]) with the ledger idle: holding the

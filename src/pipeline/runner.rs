@@ -337,10 +337,12 @@ async fn run_with(
 ) -> Result<Summary, RunError> {
     let work = state.start_run().map_err(|e| state_error(state, e))?;
     let ctx = validate::session();
+    let readings = crate::sql::Readings::default();
     let options = EnrichOptions {
         spill_dir: Some(work.spill_dir()),
         on_progress: Some(progress.enrich_callback()),
         ledger: ledger.clone(),
+        readings: readings.clone(),
     };
     let (prepared, problems) = validate::prepare(pipeline, &ctx, api.client.clone(), options).await;
     if !problems.is_empty() {
@@ -369,6 +371,14 @@ async fn run_with(
             .map_err(|e| RunError::from_step(&step.name, e))?;
         let path = work.step_file(&step.name);
         let rows = materialize(&step.name, stream, path.clone()).await?;
+        // A step that stopped reading an enrich(...) early (a LIMIT) left its results still
+        // being stored: every run paid for keeps its result, and a failure fails the step.
+        readings.wait().await.map_err(|e| {
+            RunError::from_step(
+                &step.name,
+                datafusion::error::DataFusionError::External(Box::new(e)),
+            )
+        })?;
         ctx.register_arrow(
             step.name.as_str(),
             &path.display().to_string(),

@@ -1,8 +1,10 @@
 //! Spilled source rows + the ledger's stored results → result batches.
 //!
-//! A finished group's runs are first stored in the ledger ([`store_results`]), keyed by
-//! input key; then the spill file, which holds the source rows in order with their input
-//! keys, is read back a slice at a time and each slice's results are looked up by key. Rows
+//! A group's ended runs are stored in the ledger ([`store_results`]), keyed by input key;
+//! the spill file, which holds the source rows in order with their input keys, is read back
+//! a slice at a time and each slice's results are looked up by key. While runs are still
+//! being stored ([`Reading::Going`]), a slice waits for its missing results, so the join
+//! runs beside the group instead of after it. Rows
 //! with the same input get the same result (dedup fans out), results of earlier runs serve
 //! as well as new ones (the cache), and memory stays bounded by one slice. Every spilled
 //! row is emitted exactly once; a row without a stored result gets
@@ -27,6 +29,21 @@ const JOIN_ROWS: usize = 1024;
 /// Results written to the ledger per transaction.
 const STORE_ROWS: usize = 1000;
 
+/// Why the storing of a group's results (beside the join) failed.
+pub type ReadError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Whether the results a join needs are still being stored.
+#[derive(Clone, Debug, Default)]
+pub enum Reading {
+    /// Runs are still being stored: a result missing now may come.
+    #[default]
+    Going,
+    /// Every result there will be is stored.
+    Done,
+    /// Storing stopped with this error: the join fails with it.
+    Failed(ReadError),
+}
+
 /// Why reading results stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -44,6 +61,9 @@ pub enum JoinError {
     Arrow(#[from] ArrowError),
     #[error("the stored result of input {key}: {message}")]
     Stored { key: String, message: String },
+    /// Storing the results failed (see [`Reading::Failed`]).
+    #[error("{0}")]
+    Reading(ReadError),
 }
 
 impl JoinError {
@@ -139,13 +159,16 @@ const FETCH_AHEAD: usize = 2;
 type Fetched = (RecordBatch, Vec<String>, Vec<Option<String>>);
 
 /// Emits one batch per slice of spilled rows: the source columns (without the key), then
-/// the decoder's columns, under `schema`.
+/// the decoder's columns, under `schema`. While `reading` says results are still being
+/// stored, a slice with rows whose result is missing waits for it; the stream ends only
+/// once reading is done, and fails if it failed.
 ///
 /// Reading the spill and the ledger runs in a task of its own, a few slices ahead of the
 /// JSON decoding, so the two use both cores; it stops when the stream is dropped.
 pub fn join_results(
     spill: Arc<Spill>,
     ledger: TaskLedger,
+    reading: tokio::sync::watch::Receiver<Reading>,
     mut decoder: ResultDecoder,
     schema: SchemaRef,
 ) -> impl Stream<Item = Result<RecordBatch, JoinError>> + Send + 'static {
@@ -156,13 +179,14 @@ pub fn join_results(
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, JoinError>>(FETCH_AHEAD);
     let fetch = async move {
-        let fetched = fetch_stored(&spill, &ledger, &tx).await;
+        let fetched = fetch_stored(&spill, &ledger, reading, &tx).await;
         if let Err(e) = fetched {
             let _ = tx.send(Err(e)).await;
         }
     };
     async_stream::try_stream! {
-        tokio::spawn(fetch);
+        // Aborted when the stream is dropped: a fetch waiting for results would not notice.
+        let fetching = AbortOnDrop(tokio::spawn(fetch));
         while let Some(fetched) = rx.recv().await {
             let (batch, keys, stored) = fetched?;
             let mut events = Vec::with_capacity(stored.len());
@@ -180,17 +204,47 @@ pub fn join_results(
             cols.extend(decoder.decode(&rows)?);
             yield RecordBatch::try_new(schema.clone(), cols)?;
         }
+        drop(fetching);
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The error of a reading that ended without saying how (its task panicked).
+fn reading_lost() -> JoinError {
+    JoinError::Reading(Arc::new(std::io::Error::other(
+        "the reading of results stopped without a word",
+    )))
+}
+
+/// Whether every result is stored (`reading` is done); the error once storing failed.
+fn reading_done(reading: &tokio::sync::watch::Receiver<Reading>) -> Result<bool, ReadError> {
+    match &*reading.borrow() {
+        Reading::Going => Ok(false),
+        Reading::Done => Ok(true),
+        Reading::Failed(e) => Err(e.clone()),
     }
 }
 
 /// Sends the spill's rows a slice at a time, each with its keys and stored results, until
-/// the spill ends or the receiver is gone.
+/// the spill ends or the receiver is gone; then waits for `reading` to end.
 async fn fetch_stored(
     spill: &Spill,
     ledger: &TaskLedger,
+    mut reading: tokio::sync::watch::Receiver<Reading>,
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, JoinError>>,
 ) -> Result<(), JoinError> {
-    ledger.checkpoint().await?;
+    let mut stored_changes = ledger.stored_changes();
+    if reading_done(&reading).map_err(JoinError::Reading)? {
+        ledger.checkpoint().await?;
+    }
     let mut reader = spill.reader()?;
     while let Some(spilled) = reader.next_batch()? {
         for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
@@ -201,11 +255,36 @@ async fn fetch_stored(
                 .iter()
                 .map(|k| k.unwrap_or_default().to_string())
                 .collect();
-            let stored = ledger.results(keys.clone()).await?;
+            stored_changes.mark_unchanged();
+            let mut ended = reading_done(&reading).map_err(JoinError::Reading)?;
+            let mut stored = ledger.results(keys.clone()).await?;
+            // Until every result is stored, the missing ones are looked up again after each
+            // change: a store or the end of reading after `mark_unchanged` wakes this.
+            while !ended && stored.iter().any(Option::is_none) {
+                tokio::select! {
+                    _ = stored_changes.changed() => {}
+                    changed = reading.changed() => changed.map_err(|_| reading_lost())?,
+                }
+                stored_changes.mark_unchanged();
+                ended = reading_done(&reading).map_err(JoinError::Reading)?;
+                let missing: Vec<usize> =
+                    (0..keys.len()).filter(|&i| stored[i].is_none()).collect();
+                let found = ledger
+                    .results(missing.iter().map(|&i| keys[i].clone()).collect())
+                    .await?;
+                for (i, r) in missing.into_iter().zip(found) {
+                    stored[i] = r;
+                }
+            }
             if tx.send(Ok((batch, keys, stored))).await.is_err() {
                 return Ok(());
             }
         }
+    }
+    // Every row is out, but reading may still be going (runs no row here needs, an error
+    // still to come): the stream ends with it.
+    while !reading_done(&reading).map_err(JoinError::Reading)? {
+        reading.changed().await.map_err(|_| reading_lost())?;
     }
     Ok(())
 }
@@ -337,10 +416,16 @@ mod tests {
         let mut fields = vec![Field::new("id", arrow::datatypes::DataType::Int64, false)];
         fields.extend(decoder.fields());
         let out_schema = Arc::new(Schema::new(fields));
-        let batches: Vec<RecordBatch> = join_results(spill, task, decoder, out_schema)
-            .map(|b| b.unwrap())
-            .collect()
-            .await;
+        let batches: Vec<RecordBatch> = join_results(
+            spill,
+            task,
+            tokio::sync::watch::channel(Reading::Done).1,
+            decoder,
+            out_schema,
+        )
+        .map(|b| b.unwrap())
+        .collect()
+        .await;
         let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
         let ids: Vec<i64> = all
             .column(0)

@@ -42,7 +42,9 @@ use super::{
 use crate::api::Metadata;
 use crate::client::{Client, RunsQuery};
 use crate::ledger::{ClaimCounts, Ledger, TaskLedger, task_fingerprint};
-use crate::results::{ResultDecoder, RunsRead, Until, join_results, store_results};
+use crate::results::{
+    JoinError, Reading, ResultDecoder, RunsRead, Until, join_results, store_results,
+};
 use crate::sink::spill::Spill;
 use crate::sink::{InputEncoder, Submission, SubmitTarget, submit};
 
@@ -198,7 +200,13 @@ struct Submitted {
     spill: Arc<Spill>,
     ledger: TaskLedger,
     claims: ClaimCounts,
+    /// Waiting for the group and storing its results, which go on after submitting.
+    reading: tokio::sync::watch::Receiver<Reading>,
 }
+
+/// What submitting hands over once every row is submitted: the group, the spilled rows
+/// and the claims.
+type Handover = (Option<String>, Arc<Spill>, ClaimCounts);
 
 impl fmt::Debug for EnrichTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -298,7 +306,8 @@ impl TableProvider for EnrichTable {
     }
 }
 
-/// Runs one `enrich(...)`: submits (once), waits, then streams the joined results.
+/// Runs one `enrich(...)`: submits (once), then streams the joined results as the group's runs
+/// end and are stored.
 pub struct EnrichExec {
     shared: Arc<Shared>,
     /// The planned source; executed partition by partition, in order, so row keys are
@@ -334,7 +343,7 @@ impl EnrichExec {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
+            EmissionType::Incremental,
             Boundedness::Bounded,
         ));
         Ok(EnrichExec {
@@ -451,9 +460,12 @@ impl Shared {
         }
     }
 
-    /// The group holding this table's runs, submitting and waiting for it on first use.
+    /// The group holding this table's runs, submitting them on first use. Returns once
+    /// every row is submitted; waiting for the group and storing its results go on in a
+    /// task of their own, followed by [`Submitted::reading`], so that results are joined
+    /// while the group runs.
     async fn submitted(
-        &self,
+        self: &Arc<Self>,
         source: Arc<dyn ExecutionPlan>,
         context: Arc<TaskContext>,
         limit: Option<usize>,
@@ -466,7 +478,7 @@ impl Shared {
             .or_default()
             .clone();
         cell.get_or_init(|| async {
-            self.submit_and_wait(limited(sequential(source, context), limit))
+            self.start(limited(sequential(source, context), limit))
                 .await
                 .map(Arc::new)
                 .map_err(Arc::new)
@@ -474,6 +486,37 @@ impl Shared {
         .await
         .clone()
         .map_err(external)
+    }
+
+    /// Starts the task that submits `input`, waits for the group and stores its results;
+    /// returns once it has submitted every row.
+    async fn start(
+        self: &Arc<Self>,
+        input: BoxStream<'static, Result<RecordBatch>>,
+    ) -> std::result::Result<Submitted, EnrichError> {
+        let ledger = self.task_ledger().await?;
+        let (handover, handed) = tokio::sync::oneshot::channel();
+        let (reading_tx, reading) = tokio::sync::watch::channel(Reading::Going);
+        let (me, task_ledger) = (self.clone(), ledger.clone());
+        tokio::spawn(async move {
+            let read = me.submit_and_read(input, task_ledger, handover).await;
+            reading_tx.send_replace(match read {
+                Ok(()) => Reading::Done,
+                Err(e) => Reading::Failed(Arc::new(e)),
+            });
+        });
+        let (group_id, spill, claims) = match handed.await {
+            Ok(handed) => handed?,
+            Err(_) => return Err(EnrichError::Stopped(self.task.name.clone())),
+        };
+        self.options.readings.follow(reading.clone());
+        Ok(Submitted {
+            group_id,
+            spill,
+            ledger,
+            claims,
+            reading,
+        })
     }
 
     /// This task's part of the ledger named by the options, or of a temporary one.
@@ -496,12 +539,15 @@ impl Shared {
         ledger.task(task, &fp).await.map_err(ledger_err)
     }
 
-    async fn submit_and_wait(
+    /// Submits `input` (handing the submission over once every row is submitted, or the
+    /// error that stopped it), waits for the group and stores its results.
+    async fn submit_and_read(
         &self,
         input: BoxStream<'static, Result<RecordBatch>>,
-    ) -> std::result::Result<Submitted, EnrichError> {
+        ledger: TaskLedger,
+        handover: tokio::sync::oneshot::Sender<std::result::Result<Handover, EnrichError>>,
+    ) -> std::result::Result<(), EnrichError> {
         let task = &self.task.name;
-        let ledger = self.task_ledger().await?;
         let mut metadata = Metadata::new();
         metadata.insert(GROUP_TASK_KEY.into(), task.clone().into());
         let target = SubmitTarget {
@@ -536,17 +582,44 @@ impl Shared {
                 source,
             });
             let waited = match submitted {
-                Ok(s) => self.wait(&s, &ledger).await.map(|to_read| (s, to_read)),
-                Err(e) => Err(e),
+                Ok(s) => {
+                    let Submission {
+                        spill,
+                        group_id,
+                        claims,
+                        runs_added,
+                        event_cursor,
+                    } = s;
+                    let _ = handover.send(Ok((group_id.clone(), Arc::new(spill), claims)));
+                    let to_read = self
+                        .wait(
+                            group_id.as_deref(),
+                            runs_added,
+                            claims,
+                            event_cursor,
+                            &ledger,
+                        )
+                        .await;
+                    to_read.map(|to_read| (group_id, runs_added, claims, to_read))
+                }
+                Err(e) => {
+                    let _ = handover.send(Err(e));
+                    Err(EnrichError::Stopped(task.clone()))
+                }
             };
             done.store(true, Ordering::Release);
             waited
         };
         let (waited, early) = futures::join!(work, self.read_ended_runs(&group, &ledger, &done));
-        let (submission, to_read) = waited?;
-        let claims = submission.claims;
-        if let (Some(g), Some(runs)) = (&submission.group_id, to_read) {
-            self.report(Some(g), Phase::Reading, submission.runs_added, claims, None);
+        let (group_id, runs_added, claims, to_read) = waited?;
+        self.report(
+            group_id.as_deref(),
+            Phase::Reading,
+            runs_added,
+            claims,
+            None,
+        );
+        if let (Some(g), Some(runs)) = (&group_id, to_read) {
             let runs = self.client.runs_stream_raw(
                 g,
                 RunsQuery {
@@ -563,27 +636,25 @@ impl Shared {
                     source,
                 })?;
         }
-        Ok(Submitted {
-            group_id: submission.group_id,
-            spill: Arc::new(submission.spill),
-            ledger,
-            claims,
-        })
+        Ok(())
     }
 
-    /// Waits for the group of `submission` to finish. Returns how many runs the group holds
-    /// for this attempt when some of them had no stored result yet (they are to be read),
-    /// `None` when there is nothing to read.
+    /// Waits for group `group_id`, which `added` runs were just added to (`event_cursor`:
+    /// from before the last), to finish. Returns how many runs the group holds for this
+    /// attempt when some of them had no stored result yet (they are to be read), `None`
+    /// when there is nothing to read.
     async fn wait(
         &self,
-        submission: &Submission,
+        group_id: Option<&str>,
+        added: u64,
+        claims: ClaimCounts,
+        event_cursor: Option<String>,
         ledger: &TaskLedger,
     ) -> std::result::Result<Option<u64>, EnrichError> {
         let task = &self.task.name;
-        let Some(g) = &submission.group_id else {
+        let Some(g) = group_id else {
             return Ok(None);
         };
-        let (added, claims) = (submission.runs_added, submission.claims);
         let (runs, unfinished) = ledger
             .counts()
             .await
@@ -600,13 +671,13 @@ impl Shared {
         self.report(Some(g), Phase::Running, added, claims, None);
         // Statuses before the last add are of no use: the wait starts after them.
         self.client
-            .wait_from(g, submission.event_cursor.clone(), |s| {
+            .wait_from(g, event_cursor, |s| {
                 self.report(Some(g), Phase::Running, added, claims, Some(s))
             })
             .await
             .map_err(|source| EnrichError::Wait {
                 task: task.clone(),
-                group_id: g.clone(),
+                group_id: g.to_string(),
                 source,
             })?;
         Ok(Some(runs))
@@ -672,27 +743,34 @@ impl Shared {
         read
     }
 
-    /// The joined result batches of a finished submission.
+    /// The joined result batches of a submission, as its results are stored.
     fn results(&self, s: &Submitted, with_basis: bool) -> BoxStream<'static, Result<RecordBatch>> {
-        self.report(
-            s.group_id.as_deref(),
-            Phase::Reading,
-            s.claims.submit,
-            s.claims,
-            None,
-        );
+        // While the group runs, its progress is what is shown (the reading reports this
+        // phase once the group is done).
+        if matches!(*s.reading.borrow(), Reading::Done) {
+            self.report(
+                s.group_id.as_deref(),
+                Phase::Reading,
+                s.claims.submit,
+                s.claims,
+                None,
+            );
+        }
         let task = self.task.name.clone();
         join_results(
             s.spill.clone(),
             s.ledger.clone(),
+            s.reading.clone(),
             ResultDecoder::new(self.task.output.clone()).with_basis(with_basis),
             self.schema.clone(),
         )
-        .map_err(move |source| {
-            external(Arc::new(EnrichError::Results {
+        .map_err(move |source| match source {
+            // Already the task's own error (waiting for the group, reading its runs).
+            JoinError::Reading(e) => DataFusionError::External(Box::new(e)),
+            source => external(Arc::new(EnrichError::Results {
                 task: task.clone(),
                 source,
-            }))
+            })),
         })
         .boxed()
     }

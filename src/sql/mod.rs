@@ -37,7 +37,7 @@ use datafusion::prelude::SessionContext;
 use crate::api::TaskGroupStatus;
 use crate::client::{Client, ClientError};
 use crate::ledger::{ClaimCounts, Ledger, LedgerError};
-use crate::results::{JoinError, OutputSchema, SchemaError};
+use crate::results::{JoinError, OutputSchema, ReadError, Reading, SchemaError};
 use crate::sink::{SubmitError, TaskDefinition};
 
 pub use enrich::{EnrichExec, EnrichFunction, EnrichTable};
@@ -91,6 +91,44 @@ pub struct EnrichOptions {
     /// The ledger of claims and results: dedup, resume, the result cache. `None`: a
     /// temporary ledger per registration (dedup within the session only).
     pub ledger: Option<Arc<Ledger>>,
+    /// Every reading of results started by an `enrich(...)` execution.
+    pub readings: Readings,
+}
+
+/// The readings of results that `enrich(...)` executions start: each waits for its group
+/// and stores its results while the query joins them. A query that stops reading rows
+/// early (a `LIMIT` above a filter) leaves its reading going; whoever ends the ledger's
+/// attempt waits for them first, so that every run paid for has its result stored.
+#[derive(Clone, Default)]
+pub struct Readings(Arc<std::sync::Mutex<Vec<tokio::sync::watch::Receiver<Reading>>>>);
+
+impl Readings {
+    pub(crate) fn follow(&self, reading: tokio::sync::watch::Receiver<Reading>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reading);
+    }
+
+    /// Waits for every reading started so far to end; the first failure.
+    pub async fn wait(&self) -> Result<(), ReadError> {
+        let readings = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for mut r in readings {
+            loop {
+                match &*r.borrow_and_update() {
+                    Reading::Going => {}
+                    Reading::Done => break,
+                    Reading::Failed(e) => return Err(e.clone()),
+                }
+                if r.changed().await.is_err() {
+                    return Err(Arc::new(std::io::Error::other(
+                        "the reading of results stopped without a word",
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for EnrichOptions {
@@ -152,6 +190,9 @@ pub enum EnrichError {
         #[source]
         source: JoinError,
     },
+    /// The task submitting the rows ended without a word (it panicked).
+    #[error("enrich('{0}'): submitting stopped")]
+    Stopped(String),
 }
 
 impl EnrichError {
@@ -186,6 +227,11 @@ impl EnrichError {
             }
             if let Some(found) = err.downcast_ref::<Arc<EnrichError>>() {
                 return Some(found.as_ref());
+            }
+            // A failed reading of results, as a join reports it (see `Reading::Failed`).
+            if let Some(inner) = err.downcast_ref::<ReadError>() {
+                cur = Some(inner.as_ref());
+                continue;
             }
             cur = match err.downcast_ref::<DataFusionError>() {
                 Some(DataFusionError::External(inner)) => Some(inner.as_ref()),
