@@ -68,6 +68,8 @@ impl RunError {
                         ..
                     }
                     | EnrichError::Ledger { .. }
+                    // An internal failure (a task that panicked): exit 1, like storage.
+                    | EnrichError::Stopped(_)
                     | EnrichError::Results {
                         source:
                             crate::results::JoinError::Ledger(_) | crate::results::JoinError::Spill(_),

@@ -64,6 +64,9 @@ pub enum JoinError {
     /// Storing the results failed (see [`Reading::Failed`]).
     #[error("{0}")]
     Reading(ReadError),
+    /// The reading of results ended without saying how (its task panicked or was dropped).
+    #[error("the reading of results stopped without a word")]
+    ReadingLost,
 }
 
 impl JoinError {
@@ -217,13 +220,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The error of a reading that ended without saying how (its task panicked).
-fn reading_lost() -> JoinError {
-    JoinError::Reading(Arc::new(std::io::Error::other(
-        "the reading of results stopped without a word",
-    )))
-}
-
 /// Whether every result is stored (`reading` is done); the error once storing failed.
 fn reading_done(reading: &tokio::sync::watch::Receiver<Reading>) -> Result<bool, ReadError> {
     match &*reading.borrow() {
@@ -242,8 +238,12 @@ async fn fetch_stored(
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, JoinError>>,
 ) -> Result<(), JoinError> {
     let mut stored_changes = ledger.stored_changes();
+    // Once every result is stored, the log is copied into the database: each lookup after
+    // that no longer searches the log's index first.
+    let mut checkpointed = false;
     if reading_done(&reading).map_err(JoinError::Reading)? {
         ledger.checkpoint().await?;
+        checkpointed = true;
     }
     let mut reader = spill.reader()?;
     while let Some(spilled) = reader.next_batch()? {
@@ -257,13 +257,17 @@ async fn fetch_stored(
                 .collect();
             stored_changes.mark_unchanged();
             let mut ended = reading_done(&reading).map_err(JoinError::Reading)?;
+            if ended && !checkpointed {
+                ledger.checkpoint().await?;
+                checkpointed = true;
+            }
             let mut stored = ledger.results(keys.clone()).await?;
             // Until every result is stored, the missing ones are looked up again after each
             // change: a store or the end of reading after `mark_unchanged` wakes this.
             while !ended && stored.iter().any(Option::is_none) {
                 tokio::select! {
                     _ = stored_changes.changed() => {}
-                    changed = reading.changed() => changed.map_err(|_| reading_lost())?,
+                    changed = reading.changed() => changed.map_err(|_| JoinError::ReadingLost)?,
                 }
                 stored_changes.mark_unchanged();
                 ended = reading_done(&reading).map_err(JoinError::Reading)?;
@@ -284,7 +288,10 @@ async fn fetch_stored(
     // Every row is out, but reading may still be going (runs no row here needs, an error
     // still to come): the stream ends with it.
     while !reading_done(&reading).map_err(JoinError::Reading)? {
-        reading.changed().await.map_err(|_| reading_lost())?;
+        reading
+            .changed()
+            .await
+            .map_err(|_| JoinError::ReadingLost)?;
     }
     Ok(())
 }

@@ -505,11 +505,17 @@ impl Shared {
                 Err(e) => Reading::Failed(Arc::new(e)),
             });
         });
+        // Followed from the start: if this execution is dropped before every row is
+        // submitted (another part of the query met its LIMIT), the task still submits them
+        // all and stores their results, and the pipeline waits for it; a run added and
+        // then forgotten would be paid for again by the next run.
+        self.options
+            .readings
+            .follow(&self.task.name, reading.clone());
         let (group_id, spill, claims) = match handed.await {
             Ok(handed) => handed?,
             Err(_) => return Err(EnrichError::Stopped(self.task.name.clone())),
         };
-        self.options.readings.follow(reading.clone());
         Ok(Submitted {
             group_id,
             spill,
@@ -602,10 +608,13 @@ impl Shared {
                         .await;
                     to_read.map(|to_read| (group_id, runs_added, claims, to_read))
                 }
-                Err(e) => {
-                    let _ = handover.send(Err(e));
-                    Err(EnrichError::Stopped(task.clone()))
-                }
+                // The execution that started this has the error; with none left, the
+                // reading fails with it.
+                Err(e) => match handover.send(Err(e)) {
+                    Ok(()) => Err(EnrichError::Stopped(task.clone())),
+                    Err(Err(e)) => Err(e),
+                    Err(Ok(_)) => unreachable!("an error was sent"),
+                },
             };
             done.store(true, Ordering::Release);
             waited
@@ -767,6 +776,7 @@ impl Shared {
         .map_err(move |source| match source {
             // Already the task's own error (waiting for the group, reading its runs).
             JoinError::Reading(e) => DataFusionError::External(Box::new(e)),
+            JoinError::ReadingLost => external(Arc::new(EnrichError::Stopped(task.clone()))),
             source => external(Arc::new(EnrichError::Results {
                 task: task.clone(),
                 source,

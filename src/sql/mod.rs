@@ -100,20 +100,23 @@ pub struct EnrichOptions {
 /// early (a `LIMIT` above a filter) leaves its reading going; whoever ends the ledger's
 /// attempt waits for them first, so that every run paid for has its result stored.
 #[derive(Clone, Default)]
-pub struct Readings(Arc<std::sync::Mutex<Vec<tokio::sync::watch::Receiver<Reading>>>>);
+pub struct Readings(Arc<std::sync::Mutex<Vec<Followed>>>);
+
+/// A task's name and the state of the reading of its results.
+type Followed = (String, tokio::sync::watch::Receiver<Reading>);
 
 impl Readings {
-    pub(crate) fn follow(&self, reading: tokio::sync::watch::Receiver<Reading>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(reading);
+    /// Follows the reading of `task`'s results (readings already done are let go).
+    pub(crate) fn follow(&self, task: &str, reading: tokio::sync::watch::Receiver<Reading>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|(_, r)| !matches!(*r.borrow(), Reading::Done));
+        all.push((task.to_string(), reading));
     }
 
     /// Waits for every reading started so far to end; the first failure.
     pub async fn wait(&self) -> Result<(), ReadError> {
         let readings = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        for mut r in readings {
+        for (task, mut r) in readings {
             loop {
                 match &*r.borrow_and_update() {
                     Reading::Going => {}
@@ -121,9 +124,7 @@ impl Readings {
                     Reading::Failed(e) => return Err(e.clone()),
                 }
                 if r.changed().await.is_err() {
-                    return Err(Arc::new(std::io::Error::other(
-                        "the reading of results stopped without a word",
-                    )));
+                    return Err(Arc::new(EnrichError::Stopped(task)));
                 }
             }
         }
@@ -190,8 +191,9 @@ pub enum EnrichError {
         #[source]
         source: JoinError,
     },
-    /// The task submitting the rows ended without a word (it panicked).
-    #[error("enrich('{0}'): submitting stopped")]
+    /// The task submitting the rows and reading their results ended without a word (it
+    /// panicked), or its submission failed with no execution left to report it.
+    #[error("enrich('{0}'): submitting and reading the runs stopped")]
     Stopped(String),
 }
 
