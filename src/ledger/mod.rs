@@ -1653,18 +1653,7 @@ mod tests {
         };
         let mut sizes = Vec::new();
         for (round, options) in [(1, LedgerOptions::default()), (2, no_cache), (3, no_cache)] {
-            let l = Ledger::open(&path, "p", options).unwrap();
-            let t = l.task("t", "fp").await.unwrap();
-            t.claim(ks.clone()).await.unwrap();
-            let stored = ks
-                .iter()
-                .map(|k| StoredResult {
-                    json: json(k, round),
-                    ..done(k, true)
-                })
-                .collect();
-            t.store_results(stored).await.unwrap();
-            l.finish().await.unwrap();
+            let (l, t) = store_round(&path, &ks, options, |k| json(k, round)).await;
             if round == 1 {
                 // Never compacted: still readable by the versions before compaction.
                 let c = Connection::open(&path).unwrap();
@@ -1720,18 +1709,7 @@ mod tests {
         // A copy a crash left behind is deleted by the next compaction, and does not count
         // as the log meanwhile.
         std::fs::write(dir.path().join("ledger.results.7"), b"left over").unwrap();
-        let l = Ledger::open(&path, "p", no_cache).unwrap();
-        let t = l.task("t", "fp").await.unwrap();
-        t.claim(ks.clone()).await.unwrap();
-        let stored = ks
-            .iter()
-            .map(|k| StoredResult {
-                json: json(k, 4),
-                ..done(k, true)
-            })
-            .collect();
-        t.store_results(stored).await.unwrap();
-        l.finish().await.unwrap();
+        let (l, t) = store_round(&path, &ks, no_cache, |k| json(k, 4)).await;
         assert!(l.compact().await.unwrap().is_some());
         assert_eq!(result_logs(dir.path()), ["ledger.results.3"]);
         let read = t.results(ks.clone()).await.unwrap();
@@ -1763,22 +1741,34 @@ mod tests {
         // A file that cannot be deleted fails the compaction with an error naming it (not
         // the log in use), and the results stay where they were.
         std::fs::create_dir(dir.path().join("ledger.results.8")).unwrap();
-        let l = Ledger::open(&path, "p", no_cache).unwrap();
+        let (l, t) = store_round(&path, &ks, no_cache, |k| json(k, 5)).await;
+        let e = l.compact().await.unwrap_err().to_string();
+        assert!(e.contains("ledger.results.8"), "{e}");
+        let read = t.results(ks.clone()).await.unwrap();
+        assert_eq!(read[7].as_deref(), Some(json(&ks[7], 5).as_str()));
+    }
+
+    /// A run of pipeline `p` that claims `ks`, stores `json(k)` as each one's result and
+    /// ends.
+    async fn store_round(
+        path: &Path,
+        ks: &[String],
+        options: LedgerOptions,
+        json: impl Fn(&str) -> String,
+    ) -> (Arc<Ledger>, TaskLedger) {
+        let l = Ledger::open(path, "p", options).unwrap();
         let t = l.task("t", "fp").await.unwrap();
-        t.claim(ks.clone()).await.unwrap();
+        t.claim(ks.to_vec()).await.unwrap();
         let stored = ks
             .iter()
             .map(|k| StoredResult {
-                json: json(k, 5),
+                json: json(k),
                 ..done(k, true)
             })
             .collect();
         t.store_results(stored).await.unwrap();
         l.finish().await.unwrap();
-        let e = l.compact().await.unwrap_err().to_string();
-        assert!(e.contains("ledger.results.8"), "{e}");
-        let read = t.results(ks.clone()).await.unwrap();
-        assert_eq!(read[7].as_deref(), Some(json(&ks[7], 5).as_str()));
+        (l, t)
     }
 
     fn done(key: &str, completed: bool) -> StoredResult {
