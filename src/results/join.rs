@@ -229,6 +229,16 @@ fn reading_done(reading: &tokio::sync::watch::Receiver<Reading>) -> Result<bool,
     }
 }
 
+/// Waits for `reading` to end: its error if it failed, `None` if it ended without a word.
+pub async fn reading_ended(
+    reading: &mut tokio::sync::watch::Receiver<Reading>,
+) -> Result<(), Option<ReadError>> {
+    while !reading_done(reading).map_err(Some)? {
+        reading.changed().await.map_err(|_| None)?;
+    }
+    Ok(())
+}
+
 /// Sends the spill's rows a slice at a time, each with its keys and stored results, until
 /// the spill ends or the receiver is gone; then waits for `reading` to end.
 async fn fetch_stored(
@@ -287,13 +297,9 @@ async fn fetch_stored(
     }
     // Every row is out, but reading may still be going (runs no row here needs, an error
     // still to come): the stream ends with it.
-    while !reading_done(&reading).map_err(JoinError::Reading)? {
-        reading
-            .changed()
-            .await
-            .map_err(|_| JoinError::ReadingLost)?;
-    }
-    Ok(())
+    reading_ended(&mut reading)
+        .await
+        .map_err(|e| e.map_or(JoinError::ReadingLost, JoinError::Reading))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod schema;
 
 pub use decode::{BASIS, ResultDecoder, basis_type, run_fields};
 pub use join::{
-    JoinError, ReadError, Reading, RunsRead, Until, join_results, run_row_key, store_results,
+    JoinError, ReadError, Reading, RunsRead, Until, join_results, reading_ended, run_row_key,
+    store_results,
 };
 pub use schema::{OutputSchema, SchemaError};

@@ -37,7 +37,7 @@ use datafusion::prelude::SessionContext;
 use crate::api::TaskGroupStatus;
 use crate::client::{Client, ClientError};
 use crate::ledger::{ClaimCounts, Ledger, LedgerError};
-use crate::results::{JoinError, OutputSchema, ReadError, Reading, SchemaError};
+use crate::results::{JoinError, OutputSchema, ReadError, Reading, SchemaError, reading_ended};
 use crate::sink::{SubmitError, TaskDefinition};
 
 pub use enrich::{EnrichExec, EnrichFunction, EnrichTable};
@@ -117,16 +117,9 @@ impl Readings {
     pub async fn wait(&self) -> Result<(), ReadError> {
         let readings = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
         for (task, mut r) in readings {
-            loop {
-                match &*r.borrow_and_update() {
-                    Reading::Going => {}
-                    Reading::Done => break,
-                    Reading::Failed(e) => return Err(e.clone()),
-                }
-                if r.changed().await.is_err() {
-                    return Err(Arc::new(EnrichError::Stopped(task)));
-                }
-            }
+            reading_ended(&mut r)
+                .await
+                .map_err(|e| e.unwrap_or_else(|| Arc::new(EnrichError::Stopped(task))))?;
         }
         Ok(())
     }
