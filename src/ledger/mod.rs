@@ -1885,6 +1885,12 @@ mod tests {
             }) => (key, pipeline, running),
             other => panic!("expected a pending input, got {other:?}"),
         };
+        // A run of pipeline b with `options` that claims `ks`, and stops there.
+        let claim_as_b = async |options: LedgerOptions, ks: &[&str]| {
+            let b = Ledger::open(&path, "b", options).unwrap();
+            let tb = b.task("t", "fp").await.unwrap();
+            tb.claim(keys(ks)).await
+        };
         let b = Ledger::open(&path, "b", opts).unwrap();
         let tb = b.task("t", "fp").await.unwrap();
         // y has its result: reused. x is pending in a, which is running.
@@ -1899,23 +1905,15 @@ mod tests {
             no_cache: true,
             ..opts
         };
-        let b = Ledger::open(&path, "b", no_cache).unwrap();
-        let tb = b.task("t", "fp").await.unwrap();
-        assert!(pending(tb.claim(keys(&["x"])).await).2);
-        drop((tb, b));
+        assert!(pending(claim_as_b(no_cache, &["x"]).await).2);
         let take_over = LedgerOptions {
             take_over_pending: true,
             ..opts
         };
-        let b = Ledger::open(&path, "b", take_over).unwrap();
-        let tb = b.task("t", "fp").await.unwrap();
-        assert!(pending(tb.claim(keys(&["x"])).await).2);
-        drop((tb, b));
+        assert!(pending(claim_as_b(take_over, &["x"]).await).2);
         // a is interrupted: its pending input waits for it, unless the cache is off.
         drop((ta, a));
-        let b = Ledger::open(&path, "b", opts).unwrap();
-        let tb = b.task("t", "fp").await.unwrap();
-        let (key, pipeline, running) = pending(tb.claim(keys(&["x"])).await);
+        let (key, pipeline, running) = pending(claim_as_b(opts, &["x"]).await);
         assert_eq!(
             (key.as_str(), pipeline.as_str(), running),
             ("x", "a", false)
@@ -1928,16 +1926,12 @@ mod tests {
         };
         assert!(err.to_string().contains("run a again"), "{err}");
         assert!(err.to_string().contains("--take-over-pending"), "{err}");
-        drop((tb, b));
         // Taking over submits the pending input and still reuses the stored result,
         // which --no-cache would submit again too.
-        let b = Ledger::open(&path, "b", take_over).unwrap();
-        let tb = b.task("t", "fp").await.unwrap();
         assert_eq!(
-            tb.claim(keys(&["x", "y"])).await.unwrap(),
+            claim_as_b(take_over, &["x", "y"]).await.unwrap(),
             vec![Claim::Submit, Claim::Cached]
         );
-        drop((tb, b));
         // Once b has the input, a resumed takes b's result (b's run has ended).
         let b = Ledger::open(&path, "b", no_cache).unwrap();
         let tb = b.task("t", "fp").await.unwrap();
