@@ -1259,16 +1259,10 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
         return Ok(None);
     }
     remove_stray_logs(me)?;
-    let first = log::path_for(&me.path);
-    let first = first
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let current = me.log().path().to_path_buf();
-    let current_name = current.file_name().and_then(|n| n.to_str());
+    let (first, current) = log_names(me);
     let next = me
         .path
-        .with_file_name(log::next_name(first, current_name.unwrap_or(first)));
+        .with_file_name(log::next_name(&first, current.as_deref().unwrap_or(&first)));
     let copied = copy_live_results(&tx, &me.log(), &next);
     let new_log = match copied {
         Ok(l) => l,
@@ -1293,24 +1287,34 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
 /// with no other pipeline holding the ledger open (the caller checks), under the ledger's
 /// connection: no other process has a log open, and none is being written.
 fn remove_stray_logs(me: &Ledger) -> Result<(), Fail> {
-    let first = log::path_for(&me.path);
-    let first = first
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let current = me.log().path().to_path_buf();
-    let current_name = current.file_name().and_then(|n| n.to_str());
+    let (first, current) = log_names(me);
     let dir = me.dir();
     let in_dir = |e| Fail::File(dir.clone(), e);
     for entry in std::fs::read_dir(&dir).map_err(in_dir)? {
         let name = entry.map_err(in_dir)?.file_name();
         let name = name.to_string_lossy();
-        if log::is_log_name(first, &name) && Some(&*name) != current_name {
+        if log::is_log_name(&first, &name) && Some(&*name) != current.as_deref() {
             let path = dir.join(&*name);
             std::fs::remove_file(&path).map_err(|e| Fail::File(path, e))?;
         }
     }
     Ok(())
+}
+
+/// The file names of the ledger's first result log and of the log in use.
+fn log_names(me: &Ledger) -> (String, Option<String>) {
+    let first = log::path_for(&me.path);
+    let first = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let current = me
+        .log()
+        .path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string);
+    (first.to_string(), current)
 }
 
 /// Unused bytes in the result log below which [`Ledger::compact`] leaves it as it is.
