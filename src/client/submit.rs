@@ -272,10 +272,11 @@ async fn submit_batch(
     })
 }
 
-/// A spawned batch that is aborted when its stream is dropped.
-struct AbortOnDrop(JoinHandle<Result<AddedBatch, ClientError>>);
+/// A spawned task, aborted when this is dropped (a batch when its stream is, a join's
+/// fetch when its stream is).
+pub(crate) struct AbortOnDrop<T>(pub(crate) JoinHandle<T>);
 
-impl Future for AbortOnDrop {
+impl Future for AbortOnDrop<Result<AddedBatch, ClientError>> {
     type Output = Result<AddedBatch, ClientError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -292,7 +293,7 @@ impl Future for AbortOnDrop {
     }
 }
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

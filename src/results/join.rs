@@ -19,7 +19,7 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 
 use super::decode::ResultDecoder;
 use crate::api::{RunStatus, TaskRunEvent};
-use crate::client::{ClientError, ROW_KEY, RawRun, row_key_value};
+use crate::client::{AbortOnDrop, ClientError, ROW_KEY, RawRun, row_key_value};
 use crate::ledger::{LedgerError, StoredResult, TaskLedger};
 use crate::sink::spill::{Spill, SpillError};
 
@@ -211,15 +211,6 @@ pub fn join_results(
     }
 }
 
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Whether every result is stored (`reading` is done); the error once storing failed.
 fn reading_done(reading: &tokio::sync::watch::Receiver<Reading>) -> Result<bool, ReadError> {
     match &*reading.borrow() {
@@ -248,13 +239,9 @@ async fn fetch_stored(
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, JoinError>>,
 ) -> Result<(), JoinError> {
     let mut stored_changes = ledger.stored_changes();
-    // Once every result is stored, the log is copied into the database: each lookup after
-    // that no longer searches the log's index first.
+    // Once every result is stored (by the first slice that sees it), the log is copied into
+    // the database: each lookup after that no longer searches the log's index first.
     let mut checkpointed = false;
-    if reading_done(&reading).map_err(JoinError::Reading)? {
-        ledger.checkpoint().await?;
-        checkpointed = true;
-    }
     let mut reader = spill.reader()?;
     while let Some(spilled) = reader.next_batch()? {
         for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {

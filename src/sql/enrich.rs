@@ -610,11 +610,10 @@ impl Shared {
                 }
                 // The execution that started this has the error; with none left, the
                 // reading fails with it.
-                Err(e) => match handover.send(Err(e)) {
-                    Ok(()) => Err(EnrichError::Stopped(task.clone())),
-                    Err(Err(e)) => Err(e),
-                    Err(Ok(_)) => unreachable!("an error was sent"),
-                },
+                Err(e) => Err(match handover.send(Err(e)) {
+                    Err(Err(e)) => e,
+                    _ => EnrichError::Stopped(task.clone()),
+                }),
             };
             done.store(true, Ordering::Release);
             waited
