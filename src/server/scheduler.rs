@@ -172,10 +172,7 @@ impl Scheduler {
                         spec,
                     };
                     match processor.process(&job).await {
-                        Ok(output) => match serde_json::to_string(&output) {
-                            Ok(text) => Outcome::Completed(text),
-                            Err(e) => failure(&format!("cannot encode the output: {e}"), None),
-                        },
+                        Ok(text) => Outcome::Completed(text),
                         Err(f) => failure(&f.message, f.detail),
                     }
                 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::api::{TaskRunOutput, TaskSpec};
+use crate::api::TaskSpec;
 
 pub use sim::Sim;
 pub(crate) use sim::resolve_ref;
@@ -43,9 +43,9 @@ pub struct RunFailure {
     pub detail: Option<Value>,
 }
 
-/// The future a processor returns.
-pub type ProcessFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<TaskRunOutput, RunFailure>> + Send + 'a>>;
+/// The future a processor returns: the run's output as the JSON text of a
+/// [`TaskRunOutput`](crate::api::TaskRunOutput), which is stored as it is.
+pub type ProcessFuture<'a> = Pin<Box<dyn Future<Output = Result<String, RunFailure>> + Send + 'a>>;
 
 /// Executes runs. Implementations must be safe to call concurrently.
 pub trait Processor: Send + Sync + 'static {
