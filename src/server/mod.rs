@@ -8,6 +8,7 @@
 //! ```
 
 mod args;
+mod checkpoint;
 mod config;
 mod http;
 mod processor;

@@ -10,11 +10,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::checkpoint::Checkpointer;
 use super::wire::{self, GroupCounts, RunView, StatusCode};
 
 /// A store error: SQLite failed, or the database file cannot be used.
@@ -293,88 +294,10 @@ fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Pages of WAL that make a checkpoint due: not SQLite's 1000 but 4096 (64 MiB with 16 KB
-/// pages, 16 MiB in databases made with 4 KB pages), so that pages touched by several
-/// batches are written back once.
+/// Pages of WAL that make a checkpoint due (see [`Checkpointer`]): not SQLite's 1000 but
+/// 4096 (64 MiB with 16 KB pages, 16 MiB in databases made with 4 KB pages), so that pages
+/// touched by several batches are written back once.
 const CHECKPOINT_PAGES: i32 = 4096;
-
-/// Copies the WAL into the database from a thread of its own. SQLite's automatic
-/// checkpoint runs inside the commit that crosses the mark: with latency 0 and 100k runs,
-/// six of the scheduler's 309 transactions took 100–140 ms instead of about 7, writing and
-/// syncing 64 MiB while no run could finish. A passive checkpoint on another connection
-/// does the same work beside the writer. The WAL then grows past the mark while a
-/// checkpoint runs, and starts over once one has caught up: it peaked at 174 MB with 100k
-/// runs and 185 MB with 1M.
-struct Checkpointer {
-    due: Arc<Due>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// Whether a checkpoint is asked for, and whether the store is closing.
-#[derive(Default)]
-struct Due {
-    state: Mutex<(bool, bool)>,
-    changed: Condvar,
-}
-
-impl Due {
-    fn ask(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = true;
-            self.changed.notify_one();
-        }
-    }
-
-    /// Waits for a request; `false` once the store is closing.
-    fn wait(&self) -> bool {
-        let Ok(mut s) = self.state.lock() else {
-            return false;
-        };
-        while !s.0 && !s.1 {
-            s = match self.changed.wait(s) {
-                Ok(s) => s,
-                Err(_) => return false,
-            };
-        }
-        s.0 = false;
-        !s.1
-    }
-}
-
-impl Checkpointer {
-    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(30))?;
-        let due = Arc::new(Due::default());
-        let asked = due.clone();
-        let thread = std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || {
-                while asked.wait() {
-                    let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                    if let Err(e) = done {
-                        tracing::warn!(error = %e, "cannot checkpoint the database");
-                    }
-                }
-            })?;
-        Ok(Checkpointer {
-            due,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        if let Ok(mut s) = self.due.state.lock() {
-            s.1 = true;
-            self.due.changed.notify_one();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 impl Store {
     /// Opens (creating if needed) the database at `path`, or a private temporary one.
@@ -382,11 +305,6 @@ impl Store {
     /// "In memory" is a temporary file deleted on drop: SQLite's shared in-memory databases
     /// lock whole tables, which would stall streams behind the scheduler's writes.
     pub fn open(path: Option<&Path>) -> Result<Store, StoreError> {
-        Store::open_with(path, CHECKPOINT_PAGES)
-    }
-
-    /// [`Store::open`], checkpointing once the WAL has `checkpoint_pages` pages.
-    fn open_with(path: Option<&Path>, checkpoint_pages: i32) -> Result<Store, StoreError> {
         let (path, temp, durable) = match path {
             Some(p) => (p.to_path_buf(), None, true),
             None => {
@@ -399,15 +317,7 @@ impl Store {
         let lock = if durable { Some(lock(&path)?) } else { None };
         let mut conn = open_conn(&path, durable)?;
         conn.execute_batch(SCHEMA)?;
-        let checkpoints = Checkpointer::start(&path)?;
-        let due = checkpoints.due.clone();
-        // Replaces SQLite's own checkpoint after a commit (see `Checkpointer`).
-        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages| {
-            if pages >= checkpoint_pages {
-                due.ask();
-            }
-            Ok(())
-        }))?;
+        let checkpoints = Checkpointer::start(&mut conn, &path, CHECKPOINT_PAGES)?;
         Ok(Store {
             writer: Mutex::new(Writer {
                 conn,
@@ -985,45 +895,4 @@ fn insert_status_event(
     c.prepare_cached("INSERT INTO events (gseq, at, payload) VALUES (?1, ?2, ?3)")?
         .execute(params![gseq, now, payload])?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_wal_is_copied_into_the_database_beside_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        let store = Store::open_with(Some(&path), 16).unwrap();
-        let before = std::fs::metadata(&path).unwrap().len();
-        let group = store.create_group(None).unwrap();
-        // 64 runs of 4 KB: 16 pages of 16 KB, the mark, crossed by the last batch.
-        for _ in 0..8 {
-            let runs = (0..8)
-                .map(|i| NewRun {
-                    processor: "core".into(),
-                    metadata: None,
-                    input: format!(r#"{{"input":"{i}{}"}}"#, "x".repeat(4096)),
-                    spec: SpecChoice::None,
-                })
-                .collect();
-            store
-                .add_runs(group.gseq, &group.tag, None, runs)
-                .unwrap()
-                .unwrap();
-        }
-        // SQLite's own checkpoint is off: only the checkpointer's thread grows the file.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::fs::metadata(&path).unwrap().len() < before + 16 * 16384 {
-            assert!(Instant::now() < deadline, "the WAL was never checkpointed");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        drop(store);
-        let c = Connection::open(&path).unwrap();
-        let runs: i64 = c
-            .query_row("SELECT count(*) FROM runs", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(runs, 64);
-    }
 }
