@@ -65,6 +65,9 @@ impl Checkpointer {
     ) -> rusqlite::Result<Checkpointer> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
+        // A checkpoint syncs as the connection that runs it is told to: as the writer does.
+        let synchronous: i64 = writer.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", synchronous)?;
         let due = Arc::new(Due::default());
         let asked = due.clone();
         let thread = std::thread::Builder::new()

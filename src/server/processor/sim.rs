@@ -1045,6 +1045,53 @@ mod tests {
         h.0
     }
 
+    /// A schema with every construct the generator handles.
+    const EVERY_BRANCH: &str = r##"{
+    "type": "object",
+    "properties": {
+        "founded": {"type": "string", "format": "date"},
+        "updated": {"type": "string", "format": "date-time"},
+        "opens": {"type": "string", "format": "time"},
+        "email": {"type": "string", "format": "email"},
+        "site": {"type": "string", "format": "uri"},
+        "link": {"type": "string", "format": "url"},
+        "id": {"type": "string", "format": "uuid"},
+        "short": {"type": "string", "maxLength": 5},
+        "padded": {"type": "string", "minLength": 90},
+        "revenue": {"type": "number", "minimum": 0, "maximum": 10},
+        "margin": {"type": "number", "exclusiveMinimum": -5, "exclusiveMaximum": 5},
+        "big": {"type": "number", "minimum": 5000},
+        "odd": {"type": "number", "minimum": 3, "maximum": 1},
+        "year_built": {"type": "integer"},
+        "staff": {"type": "integer", "minimum": 5, "maximum": 9},
+        "public": {"type": "boolean"},
+        "nothing": {"type": "null"},
+        "tier": {"enum": ["gold", "silver", {"k": 1}]},
+        "fixed": {"const": {"z": [1, 2], "a": "\"q\""}},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 4},
+        "pair": {"type": "array", "items": [{"type": "integer"}, {"type": "string"}]},
+        "bare_list": {"type": "array"},
+        "implied_list": {"items": {"type": "boolean"}},
+        "implied_obj": {"properties": {"x": {"type": "integer"}}},
+        "anything": true,
+        "untyped": {},
+        "ceo": {"type": ["string", "null"]},
+        "only_null": {"type": ["null"]},
+        "parent": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "kind": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
+        "never": {"anyOf": [{"type": "null"}]},
+        "merged": {"allOf": [{"type": "object", "properties": {"m": {"type": "string"}}}]},
+        "owner": {"$ref": "#/$defs/Owner"},
+        "tree": {"$ref": "#/$defs/Node"},
+        "lost": {"$ref": "#/$defs/Missing"},
+        "a\"\u00e9\n": {"type": "string"}
+    },
+    "$defs": {
+        "Owner": {"type": "object", "properties": {"share": {"type": "number"}}},
+        "Node": {"type": "object", "properties": {"child": {"$ref": "#/$defs/Node"}}}
+    }
+}"##;
+
     /// Schemas and inputs whose outputs [`GOLDEN`] pins, byte for byte: every branch of
     /// the generator, strings that need escaping, each kind of spec.
     fn golden_cases() -> Vec<(Value, Option<TaskSpec>)> {
@@ -1067,56 +1114,7 @@ mod tests {
             },
             "required": ["ceo_name", "founded_year", "headquarters", "employee_count", "key_insights"]
         }));
-        let every_branch = json_spec(
-        serde_json::from_str(
-            r##"{
-            "type": "object",
-            "properties": {
-                "founded": {"type": "string", "format": "date"},
-                "updated": {"type": "string", "format": "date-time"},
-                "opens": {"type": "string", "format": "time"},
-                "email": {"type": "string", "format": "email"},
-                "site": {"type": "string", "format": "uri"},
-                "link": {"type": "string", "format": "url"},
-                "id": {"type": "string", "format": "uuid"},
-                "short": {"type": "string", "maxLength": 5},
-                "padded": {"type": "string", "minLength": 90},
-                "revenue": {"type": "number", "minimum": 0, "maximum": 10},
-                "margin": {"type": "number", "exclusiveMinimum": -5, "exclusiveMaximum": 5},
-                "big": {"type": "number", "minimum": 5000},
-                "odd": {"type": "number", "minimum": 3, "maximum": 1},
-                "year_built": {"type": "integer"},
-                "staff": {"type": "integer", "minimum": 5, "maximum": 9},
-                "public": {"type": "boolean"},
-                "nothing": {"type": "null"},
-                "tier": {"enum": ["gold", "silver", {"k": 1}]},
-                "fixed": {"const": {"z": [1, 2], "a": "\"q\""}},
-                "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 4},
-                "pair": {"type": "array", "items": [{"type": "integer"}, {"type": "string"}]},
-                "bare_list": {"type": "array"},
-                "implied_list": {"items": {"type": "boolean"}},
-                "implied_obj": {"properties": {"x": {"type": "integer"}}},
-                "anything": true,
-                "untyped": {},
-                "ceo": {"type": ["string", "null"]},
-                "only_null": {"type": ["null"]},
-                "parent": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                "kind": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
-                "never": {"anyOf": [{"type": "null"}]},
-                "merged": {"allOf": [{"type": "object", "properties": {"m": {"type": "string"}}}]},
-                "owner": {"$ref": "#/$defs/Owner"},
-                "tree": {"$ref": "#/$defs/Node"},
-                "lost": {"$ref": "#/$defs/Missing"},
-                "a\"\u00e9\n": {"type": "string"}
-            },
-            "$defs": {
-                "Owner": {"type": "object", "properties": {"share": {"type": "number"}}},
-                "Node": {"type": "object", "properties": {"child": {"$ref": "#/$defs/Node"}}}
-            }
-        }"##,
-        )
-        .expect("the schema is JSON"),
-    );
+        let every_branch = json_spec(serde_json::from_str(EVERY_BRANCH).unwrap());
         let inputs = [
             json!({"name": "Company 7", "website": "https://company-7.example", "country": "US"}),
             json!({"name": "Acme \"Inc\"\n\u{1}\u{e9}\t\\", "n": 1.5, "z": [1, null, true]}),
