@@ -51,6 +51,11 @@ pub type ProcessFuture<'a> = Pin<Box<dyn Future<Output = Result<String, RunFailu
 pub trait Processor: Send + Sync + 'static {
     /// Produces the run's output, taking as long as the work takes.
     fn process<'a>(&'a self, job: &'a Job) -> ProcessFuture<'a>;
+
+    /// The run's output at once, when it takes no time; `None` when it has to wait.
+    fn process_now(&self, _job: &Job) -> Option<Result<String, RunFailure>> {
+        None
+    }
 }
 
 #[cfg(test)]

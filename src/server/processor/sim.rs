@@ -146,6 +146,16 @@ impl Processor for Sim {
             self.outcome_seeded(job, seed)
         })
     }
+
+    /// (A run with latency computes its seed twice, here and in `process`: microseconds
+    /// against its wait.)
+    fn process_now(&self, job: &Job) -> Option<Result<String, RunFailure>> {
+        let seed = self.seed_cached(&job.input, job.spec.as_ref());
+        if !self.latency(seed).is_zero() {
+            return None;
+        }
+        Some(self.outcome_seeded(job, seed))
+    }
 }
 
 /// The schema the simulator answers auto-schema runs with.
@@ -973,6 +983,24 @@ mod tests {
             panic!("auto schema gives json output with its schema")
         };
         check(&schema, &schema, &content, "$");
+    }
+
+    #[test]
+    fn runs_without_latency_are_done_at_once_and_the_same() {
+        let instant = Sim::default();
+        let slow = Sim::new(SimConfig {
+            latency: Duration::from_millis(5)..=Duration::from_millis(5),
+            failure_rate: 0.0,
+        });
+        let j = job(json!({"name": "Acme"}), json_spec(rich_schema()));
+        let now = instant.process_now(&j).expect("no latency: done at once");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert_eq!(now, rt.block_on(instant.process(&j)));
+        assert!(slow.process_now(&j).is_none(), "a run with latency waits");
+        assert_eq!(now, rt.block_on(slow.process(&j)));
     }
 
     #[test]
