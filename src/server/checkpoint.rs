@@ -31,23 +31,26 @@ struct Due {
 }
 
 impl Due {
+    /// The state, also after a panic elsewhere: stopping must always get through.
+    fn state(&self) -> std::sync::MutexGuard<'_, (bool, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn ask(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = true;
-            self.changed.notify_one();
-        }
+        self.state().0 = true;
+        self.changed.notify_one();
+    }
+
+    fn stop(&self) {
+        self.state().1 = true;
+        self.changed.notify_one();
     }
 
     /// Waits for a request; `false` once stopping.
     fn wait(&self) -> bool {
-        let Ok(mut s) = self.state.lock() else {
-            return false;
-        };
+        let mut s = self.state();
         while !s.0 && !s.1 {
-            s = match self.changed.wait(s) {
-                Ok(s) => s,
-                Err(_) => return false,
-            };
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.0 = false;
         !s.1
@@ -57,7 +60,7 @@ impl Due {
 impl Checkpointer {
     /// Checkpoints the database at `path` (in WAL mode) whenever a commit of `writer` leaves
     /// at least `pages` pages in the log. This replaces SQLite's automatic checkpoint on
-    /// `writer`, which stays on if the thread cannot be started.
+    /// `writer`, which stays on (at `pages`) if the thread cannot be started.
     pub(crate) fn start(
         writer: &mut Connection,
         path: &Path,
@@ -84,29 +87,28 @@ impl Checkpointer {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoints stay in commits: no thread for them");
+                writer.pragma_update(None, "wal_autocheckpoint", pages)?;
                 return Ok(Checkpointer { due, thread: None });
             }
         };
-        let hook = due.clone();
+        // Made before the hook is installed: if that fails, dropping it stops the thread.
+        let checkpointer = Checkpointer {
+            due: due.clone(),
+            thread: Some(thread),
+        };
         writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, in_log| {
             if in_log >= pages {
-                hook.ask();
+                due.ask();
             }
             Ok(())
         }))?;
-        Ok(Checkpointer {
-            due,
-            thread: Some(thread),
-        })
+        Ok(checkpointer)
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.due.state.lock() {
-            s.1 = true;
-            self.due.changed.notify_one();
-        }
+        self.due.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -718,9 +718,8 @@ fn fit_length(mut s: String, obj: &Map<String, Value>) -> String {
         s = s.chars().take(max as usize).collect();
     }
     if let Some(min) = obj.get("minLength").and_then(Value::as_u64) {
-        while (s.chars().count() as u64) < min {
-            s.push('x');
-        }
+        let short = min.saturating_sub(s.chars().count() as u64);
+        s.extend(std::iter::repeat_n('x', short as usize));
     }
     s
 }
