@@ -201,8 +201,10 @@ fn start(
         (finished, started.elapsed())
     };
     let Some(input) = input else {
-        let outcome = failure("the stored input of this run cannot be read", None);
-        let _ = tx.send((Finished { seq, gseq, outcome }, started.elapsed()));
+        let _ = tx.send(finish(Err(RunFailure {
+            message: "the stored input of this run cannot be read".to_string(),
+            detail: None,
+        })));
         return;
     };
     let job = Job {

@@ -117,9 +117,7 @@ impl Sim {
             Some(Schema::Text { description }) => {
                 out.extend_from_slice(br#"{"type":"text","content":"#);
                 write_str(&mut out, &g.paragraph(description.as_deref()));
-                out.extend_from_slice(br#","basis":["#);
-                g.field_basis("output", &mut out);
-                out.push(b']');
+                g.basis(Written::Other, &mut out);
             }
             Some(Schema::Auto) | None => {
                 let schema = auto_schema();
