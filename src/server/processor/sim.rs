@@ -16,6 +16,10 @@ use crate::server::SimConfig;
 
 /// Deepest schema nesting the generator follows (guards recursive `$ref`s).
 const MAX_GEN_DEPTH: usize = 12;
+/// The largest output the sim writes. A schema may ask for more (a `minLength` or
+/// `minItems` in the millions, an array whose `maxItems` is that large): such a run fails
+/// instead of holding the server's memory and its scheduler for as long as it writes.
+const MAX_OUTPUT_BYTES: usize = 4 << 20;
 
 /// The simulated processor.
 #[derive(Debug, Default)]
@@ -106,6 +110,7 @@ impl Sim {
         let mut g = Gen {
             rng: Rng(seed),
             subject: subject(&job.input),
+            too_big: false,
         };
         let mut out = Vec::with_capacity(4096);
         match job.spec.as_deref().map(|s| &s.output_schema) {
@@ -127,6 +132,15 @@ impl Sim {
                 out.extend_from_slice(br#","output_schema":"#);
                 write_value(&mut out, &schema);
             }
+        }
+        if g.too_big {
+            return Err(RunFailure {
+                message: format!(
+                    "The output schema asks for more than the sim processor writes ({} MiB at most): a minLength, minItems or maxItems is too large",
+                    MAX_OUTPUT_BYTES >> 20
+                ),
+                detail: Some(json!({"processor": job.processor, "executed_by": "sim"})),
+            });
         }
         out.push(b'}');
         Ok(String::from_utf8(out).expect("JSON written from strings is UTF-8"))
@@ -363,6 +377,8 @@ const CONFIDENCE: [&str; 3] = ["high", "medium", "low"];
 struct Gen {
     rng: Rng,
     subject: String,
+    /// Set once the output would pass [`MAX_OUTPUT_BYTES`]: what follows is cut short.
+    too_big: bool,
 }
 
 /// What [`Gen::value`] wrote: an object, with the map whose keys it has (the schema's
@@ -475,6 +491,10 @@ impl Gen {
                 let item_name = singular(name);
                 out.push(b'[');
                 for i in 0..n {
+                    if out.len() > MAX_OUTPUT_BYTES {
+                        self.too_big = true;
+                        break;
+                    }
                     if i > 0 {
                         out.push(b',');
                     }
@@ -525,7 +545,13 @@ impl Gen {
             }
             _ => self.text(name),
         };
-        fit_length(s, obj)
+        match fit_length(s, obj) {
+            Ok(s) => s,
+            Err(s) => {
+                self.too_big = true;
+                s
+            }
+        }
     }
 
     fn date(&mut self) -> String {
@@ -711,15 +737,20 @@ fn bounds(obj: &Map<String, Value>, name: &str) -> (f64, f64) {
     if hi < lo { (lo, lo) } else { (lo, hi) }
 }
 
-fn fit_length(mut s: String, obj: &Map<String, Value>) -> String {
+/// `s` cut to `maxLength` and padded to `minLength`; unpadded, as an error, when
+/// `minLength` passes [`MAX_OUTPUT_BYTES`].
+fn fit_length(mut s: String, obj: &Map<String, Value>) -> Result<String, String> {
     if let Some(max) = obj.get("maxLength").and_then(Value::as_u64) {
         s = s.chars().take(max as usize).collect();
     }
     if let Some(min) = obj.get("minLength").and_then(Value::as_u64) {
+        if min > MAX_OUTPUT_BYTES as u64 {
+            return Err(s);
+        }
         let short = min.saturating_sub(s.chars().count() as u64);
         s.extend(std::iter::repeat_n('x', short as usize));
     }
-    s
+    Ok(s)
 }
 
 fn article(word: &str) -> &'static str {
@@ -937,6 +968,38 @@ mod tests {
             }
         }
         assert!(saw_null, "nullable fields are sometimes null");
+    }
+
+    #[test]
+    fn a_schema_asking_for_a_huge_output_fails_the_run_at_once() {
+        let sim = Sim::default();
+        let huge = [
+            json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 1_000_000_000_000u64}}}),
+            json!({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "minItems": 1_000_000_000_000u64}}}),
+            json!({"type": "object", "properties": {"a": {"type": "array", "minItems": 1000,
+                "items": {"type": "array", "minItems": 1000, "items": {"type": "array", "minItems": 1000}}}}}),
+        ];
+        for schema in huge {
+            let failure = sim
+                .outcome(&job(json!({"company": "Co"}), json_spec(schema.clone())))
+                .expect_err("no output");
+            assert!(
+                failure
+                    .message
+                    .contains("more than the sim processor writes (4 MiB at most)"),
+                "{schema}: {}",
+                failure.message
+            );
+        }
+        // Right under the limit the run still completes, padded as asked.
+        let big = json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 4_000_000}}});
+        let out = sim
+            .outcome(&job(json!({"company": "Co"}), json_spec(big)))
+            .unwrap();
+        let TaskRunOutput::Json { content, .. } = out else {
+            panic!("json schema gives json output")
+        };
+        assert_eq!(content["s"].as_str().unwrap().len(), 4_000_000);
     }
 
     #[test]
