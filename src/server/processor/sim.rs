@@ -17,7 +17,8 @@ use crate::server::SimConfig;
 /// Deepest schema nesting the generator follows (guards recursive `$ref`s).
 const MAX_GEN_DEPTH: usize = 12;
 /// The largest output the sim writes. A schema may ask for more (a `minLength` or
-/// `minItems` in the millions, an array whose `maxItems` is that large): such a run fails
+/// `minItems` in the millions, an array whose `maxItems` is that large, objects whose
+/// `$ref`s repeat them level after level): such a run fails
 /// instead of holding the server's memory and its scheduler for as long as it writes.
 const MAX_OUTPUT_BYTES: usize = 4 << 20;
 
@@ -136,7 +137,7 @@ impl Sim {
         if g.too_big {
             return Err(RunFailure {
                 message: format!(
-                    "The output schema asks for more than the sim processor writes ({} MiB at most): a minLength, minItems or maxItems is too large",
+                    "The output schema asks for more than the sim processor writes ({} MiB at most): a minLength, minItems or maxItems, or `$ref`s nested many times over, ask for too much",
                     MAX_OUTPUT_BYTES >> 20
                 ),
                 detail: Some(json!({"processor": job.processor, "executed_by": "sim"})),
@@ -377,7 +378,8 @@ const CONFIDENCE: [&str; 3] = ["high", "medium", "low"];
 struct Gen {
     rng: Rng,
     subject: String,
-    /// Set once the output would pass [`MAX_OUTPUT_BYTES`]: what follows is cut short.
+    /// Set once the output passes [`MAX_OUTPUT_BYTES`], or a string would: what follows
+    /// is not generated.
     too_big: bool,
 }
 
@@ -401,6 +403,12 @@ impl Gen {
         depth: usize,
         out: &mut Vec<u8>,
     ) -> Written<'s> {
+        // Past the limit nothing more is generated, whatever the schema nests or repeats
+        // (objects through `$ref`s, arrays of arrays): the run fails (see `outcome_seeded`).
+        self.too_big |= out.len() > MAX_OUTPUT_BYTES;
+        if self.too_big {
+            return write_null(out);
+        }
         let Some(obj) = schema.as_object() else {
             // `true`/`{}`-like schemas accept anything; a string is always valid.
             write_str(out, &self.text(name));
@@ -491,8 +499,7 @@ impl Gen {
                 let item_name = singular(name);
                 out.push(b'[');
                 for i in 0..n {
-                    if out.len() > MAX_OUTPUT_BYTES {
-                        self.too_big = true;
+                    if self.too_big {
                         break;
                     }
                     if i > 0 {
@@ -978,6 +985,14 @@ mod tests {
             json!({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "minItems": 1_000_000_000_000u64}}}),
             json!({"type": "object", "properties": {"a": {"type": "array", "minItems": 1000,
                 "items": {"type": "array", "minItems": 1000, "items": {"type": "array", "minItems": 1000}}}}}),
+            // No array at all: ten properties at each level, as deep as `$ref`s are followed
+            // (10.8 MB of output before the limit moved into `Gen::value`).
+            json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/L"}},
+                "$defs": {"L": {"type": "object", "properties": {
+                    "p0": {"$ref": "#/$defs/L"}, "p1": {"$ref": "#/$defs/L"}, "p2": {"$ref": "#/$defs/L"},
+                    "p3": {"$ref": "#/$defs/L"}, "p4": {"$ref": "#/$defs/L"}, "p5": {"$ref": "#/$defs/L"},
+                    "p6": {"$ref": "#/$defs/L"}, "p7": {"$ref": "#/$defs/L"}, "p8": {"$ref": "#/$defs/L"},
+                    "p9": {"$ref": "#/$defs/L"}}}}}),
         ];
         for schema in huge {
             let failure = sim
