@@ -565,29 +565,54 @@ impl Gen {
             }
             "boolean" => write_value(out, &self.rng.chance(0.5)),
             "null" => return write_null(out),
-            _ => {
-                if !self.plain_string(obj, name, out) {
-                    write_str(out, &self.string(obj, name));
-                }
-            }
+            _ => self.string(obj, name, out),
         }
         Written::Other
     }
 
-    fn string(&mut self, obj: &Map<String, Value>, name: &str) -> String {
-        let s = match obj.get("format").and_then(Value::as_str) {
-            Some("date") => self.date(),
-            Some("date-time") => format!(
+    /// Writes a string for a string schema: a value of its `format` when the sim knows the
+    /// format, else a phrase about the subject; cut or padded to its length bounds.
+    fn string(&mut self, obj: &Map<String, Value>, name: &str, out: &mut Vec<u8>) {
+        let formatted = obj
+            .get("format")
+            .and_then(Value::as_str)
+            .and_then(|f| self.formatted(f));
+        let s = match formatted {
+            Some(s) => s,
+            // The usual case: no bounds, so the phrase goes straight into the output.
+            None if !obj.contains_key("maxLength") && !obj.contains_key("minLength") => {
+                out.push(b'"');
+                self.text_into(name, &mut Escaping(out));
+                out.push(b'"');
+                return;
+            }
+            None => self.text(name),
+        };
+        let s = match fit_length(s, obj) {
+            Ok(s) => s,
+            Err(s) => {
+                self.too_big = true;
+                s
+            }
+        };
+        write_str(out, &s);
+    }
+
+    /// A value of a string `format` the sim knows; `None`, choosing nothing, for another.
+    fn formatted(&mut self, format: &str) -> Option<String> {
+        Some(match format {
+            "date" => self.date(),
+            "date-time" => format!(
                 "{}T{:02}:{:02}:{:02}Z",
                 self.date(),
                 self.rng.below(24),
                 self.rng.below(60),
                 self.rng.below(60)
             ),
-            Some("time") => format!("{:02}:{:02}:00", self.rng.below(24), self.rng.below(60)),
-            Some("email") => format!("contact{}@example.com", self.rng.below(1000)),
-            Some("uri" | "url") => format!("https://example.com/{}", self.rng.next() % 100_000),
-            Some("uuid") => {
+            "time" => format!("{:02}:{:02}:00", self.rng.below(24), self.rng.below(60)),
+            "email" => format!("contact{}@example.com", self.rng.below(1000)),
+            "uri" | "url" => format!("https://example.com/{}", self.rng.next() % 100_000),
+            "uuid" => {
                 let (a, b) = (self.rng.next(), self.rng.next());
                 format!(
                     "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
@@ -598,15 +623,8 @@ impl Gen {
                     b & 0xffff_ffff_ffff
                 )
             }
-            _ => self.text(name),
-        };
-        match fit_length(s, obj) {
-            Ok(s) => s,
-            Err(s) => {
-                self.too_big = true;
-                s
-            }
-        }
+            _ => return None,
+        })
     }
 
     fn date(&mut self) -> String {
@@ -637,21 +655,6 @@ impl Gen {
             let _ = w.write_str(part);
         }
         let _ = write!(w, " of {}, #{tag:04x})", self.subject);
-    }
-
-    /// Writes a string for a schema with no `format`, `maxLength` or `minLength` (the
-    /// usual case) straight into `out`; `false`, having written nothing, for any other.
-    fn plain_string(&mut self, obj: &Map<String, Value>, name: &str, out: &mut Vec<u8>) -> bool {
-        let plain = match obj.get("format").and_then(Value::as_str) {
-            Some("date" | "date-time" | "time" | "email" | "uri" | "url" | "uuid") => false,
-            _ => !obj.contains_key("maxLength") && !obj.contains_key("minLength"),
-        };
-        if plain {
-            out.push(b'"');
-            self.text_into(name, &mut Escaping(out));
-            out.push(b'"');
-        }
-        plain
     }
 
     fn paragraph(&mut self, description: Option<&str>) -> String {
