@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
@@ -568,7 +567,7 @@ impl Shared {
         // Runs that have ended are read and stored from the moment the group exists, while
         // rows are still being submitted and while the group runs; `done` ends that.
         let group = OnceLock::<String>::new();
-        let done = AtomicBool::new(false);
+        let (done_tx, done) = tokio::sync::watch::channel(false);
         let work = async {
             let submitted = submit(target, input, |p| {
                 if let Some(g) = &p.group_id {
@@ -615,10 +614,10 @@ impl Shared {
                     _ => EnrichError::Stopped(task.clone()),
                 }),
             };
-            done.store(true, Ordering::Release);
+            let _ = done_tx.send(true);
             waited
         };
-        let (waited, early) = futures::join!(work, self.read_ended_runs(&group, &ledger, &done));
+        let (waited, early) = futures::join!(work, self.read_ended_runs(&group, &ledger, done));
         let (group_id, runs_added, claims, to_read) = waited?;
         self.report(
             group_id.as_deref(),
@@ -694,21 +693,28 @@ impl Shared {
     /// From the moment the group exists until `done`, stores the runs that have ended, in
     /// the group's order up to the first one still active, so that reading results
     /// overlaps with submitting and running them. A pass starts once the group's counts
-    /// show enough ended runs not yet read. Stops at `done` or at the first error: the read
-    /// after the wait resumes after the runs passed here, and meets any error again.
+    /// show enough ended runs not yet read. Stops once `done` is set (a pause between passes
+    /// ends there, so the read after the wait does not wait for it) or at the first error:
+    /// the read after the wait resumes after the runs passed here, and meets any error again.
     async fn read_ended_runs(
         &self,
         group: &OnceLock<String>,
         ledger: &TaskLedger,
-        done: &AtomicBool,
+        mut done: tokio::sync::watch::Receiver<bool>,
     ) -> RunsRead {
         /// Ended runs (by the group's counts) not yet read that are worth a pass.
         const WORTH_A_PASS: u64 = 1000;
         const PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+        let pause = async |done: &mut tokio::sync::watch::Receiver<bool>| {
+            tokio::select! {
+                _ = tokio::time::sleep(PAUSE) => {}
+                _ = done.wait_for(|d| *d) => {}
+            }
+        };
         let mut read = RunsRead::default();
-        while !done.load(Ordering::Acquire) {
+        while !*done.borrow() {
             let Some(g) = group.get() else {
-                tokio::time::sleep(PAUSE).await;
+                pause(&mut done).await;
                 continue;
             };
             let finished = match self.client.get_group(g).await {
@@ -719,7 +725,7 @@ impl Shared {
                 }
             };
             if finished < read.passed + WORTH_A_PASS {
-                tokio::time::sleep(PAUSE).await;
+                pause(&mut done).await;
                 continue;
             }
             let runs = self.client.runs_stream_raw(
@@ -739,7 +745,7 @@ impl Shared {
                     }
                     // Runs end out of order: the prefix may lag the counts.
                     if pass.passed < WORTH_A_PASS {
-                        tokio::time::sleep(PAUSE).await;
+                        pause(&mut done).await;
                     }
                 }
                 Err(e) => {
