@@ -452,9 +452,7 @@ impl Gen {
         }
         let Some(obj) = schema.as_object() else {
             // `true`/`{}`-like schemas accept anything; a string is always valid.
-            out.push(b'"');
-            self.text_into(name, &mut Escaping(out));
-            out.push(b'"');
+            self.write_text(name, out);
             return Written::Other;
         };
         if depth > MAX_GEN_DEPTH {
@@ -581,10 +579,7 @@ impl Gen {
             Some(s) => s,
             // The usual case: no bounds, so the phrase goes straight into the output.
             None if !obj.contains_key("maxLength") && !obj.contains_key("minLength") => {
-                out.push(b'"');
-                self.text_into(name, &mut Escaping(out));
-                out.push(b'"');
-                return;
+                return self.write_text(name, out);
             }
             None => self.text(name),
         };
@@ -640,6 +635,13 @@ impl Gen {
         let mut s = String::new();
         self.text_into(name, &mut s);
         s
+    }
+
+    /// Writes [`Gen::text`] as a JSON string, without the `String` in between.
+    fn write_text(&mut self, name: &str, out: &mut Vec<u8>) {
+        out.push(b'"');
+        self.text_into(name, &mut Escaping(out));
+        out.push(b'"');
     }
 
     /// A phrase about the subject for a string named `name` (its `_`s read as spaces).
