@@ -1230,7 +1230,7 @@ async fn kill_9_mid_group_loses_nothing_and_cursors_still_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outputs_stored_in_the_runs_table_by_older_versions_are_still_served() {
+async fn outputs_stored_in_the_database_by_older_versions_are_still_served() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.sqlite");
     let port = common::free_port();
@@ -1245,9 +1245,15 @@ async fn outputs_stored_in_the_runs_table_by_older_versions_are_still_served() {
         .await;
     served.api.wait_inactive(&g).await;
     let runs_path = format!("/v1/tasks/groups/{g}/runs?include_output=true");
-    let result_path = format!("/v1/tasks/runs/{}/result", added.run_ids[3]);
+    let result_paths: Vec<String> = [2, 3]
+        .iter()
+        .map(|i| format!("/v1/tasks/runs/{}/result", added.run_ids[*i]))
+        .collect();
     let runs = served.api.sse(&runs_path).await;
-    let (_, result) = served.api.get(&result_path).await;
+    let mut results = Vec::new();
+    for path in &result_paths {
+        results.push(served.api.get(path).await.1);
+    }
     assert_eq!(runs.events.len(), 20);
     assert!(
         runs.events
@@ -1257,21 +1263,40 @@ async fn outputs_stored_in_the_runs_table_by_older_versions_are_still_served() {
     served.child.kill().unwrap();
     served.child.wait().unwrap();
 
-    // Outputs live in their own table; move them back where older versions kept them.
+    // Outputs go to the outputs file; move them back where older versions kept them: the
+    // even runs' into the `run_outputs` table, the odd ones' into the runs table itself.
+    let outputs = std::fs::read(dir.path().join("state.sqlite-outputs")).unwrap();
     let conn = rusqlite::Connection::open(&db).unwrap();
-    let in_runs: i64 = conn
-        .query_row("SELECT count(output) FROM runs", [], |r| r.get(0))
+    let stored: Vec<(i64, i64, i64)> = conn
+        .prepare("SELECT seq, out_at, out_len FROM runs ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(
-        in_runs, 0,
-        "new outputs are not written into the runs table"
-    );
-    conn.execute_batch(
-        "UPDATE runs SET output = (SELECT output FROM run_outputs o WHERE o.seq = runs.seq);
-         DELETE FROM run_outputs;",
-    )
-    .unwrap();
+    assert_eq!(stored.len(), 20);
+    let in_db: i64 = conn
+        .query_row(
+            "SELECT (SELECT count(output) FROM runs) + (SELECT count(*) FROM run_outputs)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(in_db, 0, "new outputs are not written into the database");
+    for (seq, at, len) in stored {
+        let (at, len) = (at as usize, len as usize);
+        let text = std::str::from_utf8(&outputs[at + 4..at + 4 + len]).unwrap();
+        let sql = if seq % 2 == 0 {
+            "INSERT INTO run_outputs (seq, output) VALUES (?1, ?2)"
+        } else {
+            "UPDATE runs SET output = ?2 WHERE seq = ?1"
+        };
+        conn.execute(sql, rusqlite::params![seq, text]).unwrap();
+    }
+    conn.execute_batch("UPDATE runs SET out_at = NULL, out_len = NULL")
+        .unwrap();
     drop(conn);
+    std::fs::remove_file(dir.path().join("state.sqlite-outputs")).unwrap();
 
     let served = Served::start(&db, port);
     let again = served.api.sse(&runs_path).await;
@@ -1279,5 +1304,78 @@ async fn outputs_stored_in_the_runs_table_by_older_versions_are_still_served() {
         again.events.iter().map(|(_, v)| v).collect::<Vec<_>>(),
         runs.events.iter().map(|(_, v)| v).collect::<Vec<_>>()
     );
-    assert_eq!(served.api.get(&result_path).await.1, result);
+    for (path, result) in result_paths.iter().zip(&results) {
+        assert_eq!(&served.api.get(path).await.1, result);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_whose_outputs_never_reached_the_disk_run_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite");
+    let outputs = dir.path().join("state.sqlite-outputs");
+    let port = common::free_port();
+    let mut served = Served::start(&db, port);
+    let g = served.api.create_group().await;
+    served
+        .api
+        .add_runs(
+            &g,
+            json!({"default_task_spec": company_spec(), "inputs": companies(60)}),
+        )
+        .await;
+    served.api.wait_inactive(&g).await;
+    let runs_path = format!("/v1/tasks/groups/{g}/runs?include_output=true");
+    let outputs_of = |sse: &Sse| -> Vec<(String, Value)> {
+        sse.events
+            .iter()
+            .map(|(_, v)| (v["run"]["run_id"].to_string(), v["output"].clone()))
+            .collect()
+    };
+    let before = outputs_of(&served.api.sse(&runs_path).await);
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+
+    // As after a power loss that kept the commits but not the file's last 40 KB (about 15
+    // outputs), and damaged one byte of an output before those.
+    let len = std::fs::metadata(&outputs).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&outputs)
+        .unwrap();
+    file.set_len(len - 40_000).unwrap();
+    let mut byte = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, len / 3).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[!byte[0]], len / 3).unwrap();
+    drop(file);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let cut: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM runs WHERE out_at + 4 + out_len > ?1 OR ?2 BETWEEN out_at AND out_at + 3 + out_len",
+            [len as i64 - 40_000, len as i64 / 3],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(conn);
+    assert!(cut > 10, "{cut} outputs cut off or damaged");
+
+    let served = Served::start(&db, port);
+    let done = served.api.wait_inactive(&g).await;
+    assert_eq!(done.status.count(&groupflow::api::RunStatus::Completed), 60);
+    let after = outputs_of(&served.api.sse(&runs_path).await);
+    assert_eq!(
+        after, before,
+        "the runs ran again and gave the same outputs"
+    );
+    let events = served
+        .api
+        .sse(&format!("/v1/tasks/groups/{g}/events?timeout=0"))
+        .await;
+    let completed = events
+        .events
+        .iter()
+        .filter(|(_, v)| v["type"] == "task_run.state" && v["run"]["status"] == "completed")
+        .count();
+    assert_eq!(completed as i64, 60 + cut, "the lost ones completed twice");
 }

@@ -17,7 +17,7 @@
 //! state directory share its ledger: an input pending in another pipeline's unfinished run
 //! of the same task is refused rather than paid for twice.
 
-mod log;
+pub(crate) mod log;
 mod pause;
 
 pub use pause::{PAUSE_ENV, pause_point};

@@ -60,11 +60,13 @@ impl Due {
 impl Checkpointer {
     /// Checkpoints the database at `path` (in WAL mode) whenever a commit of `writer` leaves
     /// at least `pages` pages in the log. This replaces SQLite's automatic checkpoint on
-    /// `writer`, which stays on (at `pages`) if the thread cannot be started.
+    /// `writer`, which stays on (at `pages`) if the thread cannot be started. `before` runs
+    /// on the thread before each checkpoint.
     pub(crate) fn start(
         writer: &mut Connection,
         path: &Path,
         pages: i32,
+        before: impl Fn() + Send + 'static,
     ) -> rusqlite::Result<Checkpointer> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
@@ -77,6 +79,7 @@ impl Checkpointer {
             .name("checkpoint".into())
             .spawn(move || {
                 while asked.wait() {
+                    before();
                     let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                     if let Err(e) = done {
                         tracing::warn!(error = %e, "cannot checkpoint the database");
@@ -130,7 +133,7 @@ mod tests {
              CREATE TABLE t (x TEXT NOT NULL);",
         )
         .unwrap();
-        let checkpoints = Checkpointer::start(&mut c, &path, 16).unwrap();
+        let checkpoints = Checkpointer::start(&mut c, &path, 16, || {}).unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
         // 64 rows of 4 KB in 8 commits: the last ones leave more than 16 pages in the log.
         for _ in 0..8 {

@@ -11,6 +11,7 @@ mod args;
 mod checkpoint;
 mod config;
 mod http;
+mod outputs;
 mod processor;
 mod scheduler;
 mod store;

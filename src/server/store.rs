@@ -1,4 +1,5 @@
-//! SQLite state of the server: groups, task specs, runs and the group event log.
+//! SQLite state of the server: groups, task specs, runs and the group event log. The runs'
+//! outputs go to a file of their own beside the database (see [`super::outputs`]).
 //!
 //! One writer connection (behind a mutex, used from blocking threads) does every change as
 //! one transaction; readers take connections from a small pool, so streams read while the
@@ -10,12 +11,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::checkpoint::Checkpointer;
+use super::outputs::{self, Outputs};
 use super::wire::{self, GroupCounts, RunView, StatusCode};
 
 /// A store error: SQLite failed, or the database file cannot be used.
@@ -35,6 +37,11 @@ pub enum StoreError {
     InUse(std::path::PathBuf),
     #[error("lock {}: {source}", .path.display())]
     Lock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outputs file {}: {source}", .path.display())]
+    Outputs {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -82,12 +89,12 @@ CREATE TABLE IF NOT EXISTS runs (
   output TEXT, -- only databases written before run_outputs existed fill this
   error TEXT,
   created_at TEXT NOT NULL,
-  modified_at TEXT NOT NULL
+  modified_at TEXT NOT NULL,
+  out_at INTEGER, -- where the output's record starts in the outputs file (see outputs.rs)
+  out_len INTEGER -- and the output's length in bytes
 );
 CREATE INDEX IF NOT EXISTS runs_by_group ON runs(gseq);
--- Outputs live apart from the runs they belong to: a run's row stays small, so marking it
--- finished rewrites a few hundred bytes rather than the output's kilobytes, and reading a
--- run's other columns never walks the output's overflow pages.
+-- Only databases written before the outputs file existed fill this.
 CREATE TABLE IF NOT EXISTS run_outputs (
   seq INTEGER PRIMARY KEY,
   output TEXT NOT NULL
@@ -233,6 +240,7 @@ pub struct Page {
 pub struct Store {
     writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
+    outputs: Arc<Outputs>,
     _checkpoints: Checkpointer,
     path: std::path::PathBuf,
     // Held while the store is open (see `StoreError::InUse`).
@@ -244,6 +252,10 @@ pub struct Store {
 struct Writer {
     conn: Connection,
     last_status_event: HashMap<i64, Instant>,
+    /// Where the next output record goes in the outputs file.
+    outputs_end: u64,
+    /// The records of a transaction's outputs, written together before it commits.
+    records: Vec<u8>,
 }
 
 /// Takes the lock of the database at `path` (`<path>.lock`, beside it), held until the
@@ -317,13 +329,41 @@ impl Store {
         let lock = if durable { Some(lock(&path)?) } else { None };
         let mut conn = open_conn(&path, durable)?;
         conn.execute_batch(SCHEMA)?;
-        let checkpoints = Checkpointer::start(&mut conn, &path, CHECKPOINT_PAGES)?;
+        add_output_columns(&conn)?;
+        let outputs_path = outputs::path_for(&path);
+        let in_outputs = |source| StoreError::Outputs {
+            path: outputs_path.clone(),
+            source,
+        };
+        let opened = Outputs::open(outputs_path.clone(), durable).map_err(in_outputs)?;
+        let outputs = Arc::new(opened.outputs);
+        // A store that closed cleanly left its mark at the end: nothing to check.
+        let lost = if opened.mark == opened.end {
+            0
+        } else {
+            rerun_lost_outputs(&mut conn, &outputs, opened.mark.min(opened.end))?
+        };
+        if lost > 0 {
+            tracing::warn!(
+                runs = lost,
+                file = %outputs_path.display(),
+                "outputs that never reached the disk before the server stopped: those runs run again"
+            );
+        }
+        outputs.sync_mark().map_err(in_outputs)?;
+        let synced = outputs.clone();
+        let checkpoints = Checkpointer::start(&mut conn, &path, CHECKPOINT_PAGES, move || {
+            synced.sync_mark_or_warn()
+        })?;
         Ok(Store {
             writer: Mutex::new(Writer {
                 conn,
                 last_status_event: HashMap::new(),
+                outputs_end: opened.end,
+                records: Vec::new(),
             }),
             readers: Mutex::new(Vec::new()),
+            outputs,
             _checkpoints: checkpoints,
             path,
             _lock: lock,
@@ -349,7 +389,7 @@ impl Store {
             None => {
                 let c = Connection::open(&self.path)?;
                 c.busy_timeout(Duration::from_secs(30))?;
-                // Pages (outputs, mostly) are read through the map, not copied by `pread`.
+                // Pages are read through the map, not copied by `pread`.
                 c.pragma_update(None, "mmap_size", MMAP_BYTES)?;
                 c
             }
@@ -521,17 +561,19 @@ impl Store {
             let row = c
                 .prepare_cached(
                     "SELECT r.status, r.processor, r.metadata, r.input, s.json,
-                            COALESCE(o.output, r.output), r.error,
-                            r.created_at, r.modified_at, g.tag, r.gseq
+                            CASE WHEN r.out_at IS NULL
+                                 THEN COALESCE((SELECT output FROM run_outputs WHERE seq = r.seq), r.output)
+                            END, r.error, r.created_at, r.modified_at, g.tag, r.gseq,
+                            r.out_at, r.out_len
                      FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
                      LEFT JOIN groups g ON g.gseq = r.gseq
-                     LEFT JOIN run_outputs o ON o.seq = r.seq
                      WHERE r.seq = ?1 AND r.tag = ?2",
                 )?
                 .query_row(params![seq, tag], |r| {
                     let gtag: Option<String> = r.get(9)?;
                     let gseq: Option<i64> = r.get(10)?;
-                    Ok(RunRow {
+                    let stored: Option<(i64, i64)> = r.get::<_, Option<i64>>(11)?.zip(r.get(12)?);
+                    Ok((stored, RunRow {
                         seq,
                         tag: tag.to_string(),
                         group_id: gtag.zip(gseq).map(|(t, g)| wire::group_id(&t, g)),
@@ -544,11 +586,34 @@ impl Store {
                         error: r.get(6)?,
                         created_at: r.get(7)?,
                         modified_at: r.get(8)?,
-                    })
+                    }))
                 })
                 .optional()?;
-            Ok(row)
+            let Some((stored, mut row)) = row else {
+                return Ok(None);
+            };
+            if let Some((at, len)) = stored {
+                let mut buf = Vec::new();
+                row.output = Some(self.read_output(seq, at, len, &mut buf)?.to_string());
+            }
+            Ok(Some(row))
         })
+    }
+
+    /// Run `seq`'s output from the outputs file, where its row says it is.
+    fn read_output<'a>(
+        &self,
+        seq: i64,
+        at: i64,
+        len: i64,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<&'a str, StoreError> {
+        self.outputs
+            .read(seq, at as u64, len as u64, buf)
+            .map_err(|source| StoreError::Outputs {
+                path: self.outputs.path().to_path_buf(),
+                source,
+            })
     }
 
     /// Runs that were executing when the server stopped, in the order added.
@@ -596,24 +661,24 @@ impl Store {
             let mut evented = Vec::new();
             {
                 let mut done = tx.prepare_cached(
-                    "UPDATE runs SET status = 3, modified_at = ?2 WHERE seq = ?1 AND status = 2",
+                    "UPDATE runs SET status = 3, modified_at = ?2, out_at = ?3, out_len = ?4
+                     WHERE seq = ?1 AND status = 2",
                 )?;
-                let mut output = tx
-                    .prepare_cached("INSERT OR REPLACE INTO run_outputs (seq, output) VALUES (?1, ?2)")?;
                 let mut failed = tx.prepare_cached(
                     "UPDATE runs SET status = 4, error = ?2, modified_at = ?3 WHERE seq = ?1 AND status = 2",
                 )?;
                 let mut event = tx.prepare_cached(
                     "INSERT INTO events (gseq, run_seq, status, at) VALUES (?1, ?2, ?3, ?4)",
                 )?;
+                w.records.clear();
                 for f in finished {
                     let (changed, code) = match &f.outcome {
                         Outcome::Completed(out) => {
-                            let changed = done.execute(params![f.seq, now])?;
-                            if changed > 0 {
-                                output.execute(params![f.seq, out])?;
-                            }
-                            (changed, 3)
+                            // The record is written whether or not the run changes: a
+                            // second outcome for a run only leaves unreferenced bytes.
+                            let at = Outputs::encode(&mut w.records, w.outputs_end, f.seq, out);
+                            let len = out.len() as i64;
+                            (done.execute(params![f.seq, now, at as i64, len])?, 3)
                         }
                         Outcome::Failed(err) => (failed.execute(params![f.seq, err, now])?, 4),
                     };
@@ -653,6 +718,14 @@ impl Store {
             } else {
                 Vec::new()
             };
+            // The outputs are in the file before any committed row points at them.
+            self.outputs
+                .write(&w.records, w.outputs_end)
+                .map_err(|source| StoreError::Outputs {
+                    path: self.outputs.path().to_path_buf(),
+                    source,
+                })?;
+            w.outputs_end += w.records.len() as u64;
             tx.commit()?;
             // Only once committed: a transaction that fails is tried again whole.
             for g in evented {
@@ -681,8 +754,11 @@ impl Store {
             let mut stmt = c.prepare_cached(
                 "SELECT r.seq, r.tag, r.status, r.processor, r.metadata, r.error, r.created_at,
                         r.modified_at, CASE WHEN ?4 THEN r.input END,
-                        CASE WHEN ?5 THEN COALESCE(o.output, r.output) END
-                 FROM runs r LEFT JOIN run_outputs o ON ?5 AND o.seq = r.seq
+                        CASE WHEN ?5 AND r.status = 3 AND r.out_at IS NULL
+                             THEN COALESCE((SELECT output FROM run_outputs WHERE seq = r.seq), r.output)
+                        END,
+                        CASE WHEN ?5 THEN r.out_at END, r.out_len
+                 FROM runs r
                  WHERE r.gseq = ?1 AND r.seq > ?2 AND (?3 IS NULL OR r.status = ?3)
                  ORDER BY r.seq LIMIT ?6",
             )?;
@@ -698,6 +774,7 @@ impl Store {
                 text: String::with_capacity(limit * 512),
                 ..Page::default()
             };
+            let mut buf = Vec::new();
             while let Some(r) = rows.next()? {
                 let seq: i64 = r.get(0)?;
                 let tag = r.get_ref(1)?.as_str()?;
@@ -714,10 +791,12 @@ impl Store {
                     modified_at: r.get_ref(7)?.as_str()?,
                 };
                 let input = r.get_ref(8)?.as_str_or_null()?;
-                let output = if status == StatusCode::Completed {
-                    r.get_ref(9)?.as_str_or_null()?
-                } else {
-                    None
+                let output = match (status, r.get::<_, Option<i64>>(10)?) {
+                    (StatusCode::Completed, Some(at)) => {
+                        Some(self.read_output(seq, at, r.get(11)?, &mut buf)?)
+                    }
+                    (StatusCode::Completed, None) => r.get_ref(9)?.as_str_or_null()?,
+                    _ => None,
                 };
                 wire::write_run_event(&mut page.text, seq, &view, input, output);
                 page.ends.push(page.text.len());
@@ -784,6 +863,76 @@ impl Store {
             Ok(page)
         })
     }
+}
+
+/// Adds the outputs file's columns to a `runs` table made before that file existed.
+fn add_output_columns(c: &Connection) -> Result<(), StoreError> {
+    let has: bool = c.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('runs') WHERE name = 'out_at'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        c.execute_batch(
+            "BEGIN;
+             ALTER TABLE runs ADD COLUMN out_at INTEGER;
+             ALTER TABLE runs ADD COLUMN out_len INTEGER;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+/// Sends back to `running` the completed runs whose outputs, past byte `from` of the
+/// outputs file, are cut off or damaged (see [`outputs`]), and returns how many there were.
+fn rerun_lost_outputs(c: &mut Connection, file: &Outputs, from: u64) -> Result<usize, StoreError> {
+    let mut lost = Vec::new();
+    {
+        let mut stmt = c.prepare(
+            "SELECT seq, gseq, out_at, out_len FROM runs WHERE out_at + ?2 + out_len > ?1",
+        )?;
+        let mut rows = stmt.query(params![from as i64, outputs::CRC_BYTES as i64])?;
+        let mut buf = Vec::new();
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            let (at, len): (i64, i64) = (r.get(2)?, r.get(3)?);
+            match file.read(seq, at as u64, len as u64, &mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    lost.push((seq, r.get::<_, Option<i64>>(1)?));
+                }
+                Err(source) => {
+                    return Err(StoreError::Outputs {
+                        path: file.path().to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    if lost.is_empty() {
+        return Ok(0);
+    }
+    // Durable before the file's mark moves past the damaged records.
+    let synchronous: i64 = c.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+    c.pragma_update(None, "synchronous", "FULL")?;
+    let tx = c.transaction()?;
+    for (seq, gseq) in &lost {
+        tx.execute(
+            "UPDATE runs SET status = 2, out_at = NULL, out_len = NULL WHERE seq = ?1",
+            [seq],
+        )?;
+        if let Some(g) = gseq {
+            tx.execute(
+                "UPDATE groups SET n_completed = n_completed - 1, n_running = n_running + 1
+                 WHERE gseq = ?1",
+                [g],
+            )?;
+        }
+    }
+    tx.commit()?;
+    c.pragma_update(None, "synchronous", synchronous)?;
+    Ok(lost.len())
 }
 
 /// Moves up to `n` queued runs, oldest first, to `running`, within `tx`.
