@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! .groupflow/                  beside the pipeline file (or --state-dir / GROUPFLOW_STATE_DIR)
-//!   ledger.sqlite              claims, groups, run ids and results: resume, dedup, result cache
+//!   ledger.sqlite              claims, groups and where each result is: resume, dedup, cache
+//!   ledger.results             the results themselves, appended (see ledger/log.rs)
 //!   ledger-<pipeline>.lock     held while a run of that pipeline is going
 //!   server.sqlite              the embedded server's database (runs without an API configured)
+//!   server.sqlite-outputs      its runs' outputs, appended (see server/outputs.rs)
 //!   work/<run id>/             one run's scratch space, removed when the run ends
 //!     steps/<step>.arrow       each step's result, written once and read by later steps
 //!     spill/                   rows the sink keeps while their runs are out

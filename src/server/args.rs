@@ -13,7 +13,8 @@ pub struct ServeArgs {
     /// Address to listen on; loopback unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:8700")]
     pub addr: SocketAddr,
-    /// SQLite file holding all state (created if missing); state is in memory without it.
+    /// SQLite file holding the server's state (created if missing), with the runs' outputs in
+    /// PATH-outputs beside it; state is in a temporary folder without it.
     #[arg(long, value_name = "PATH")]
     pub db: Option<PathBuf>,
     /// Require this key in the `x-api-key` header of every request.

@@ -10,7 +10,8 @@ use std::time::Duration;
 pub struct ServerConfig {
     /// Where to listen; port 0 picks a free port. Loopback unless told otherwise.
     pub addr: SocketAddr,
-    /// SQLite file holding all state; `None` keeps state in memory.
+    /// SQLite file holding the state (the runs' outputs beside it, in `<db>-outputs`); `None`
+    /// keeps state in a temporary folder.
     pub db: Option<PathBuf>,
     /// When set, every request must carry this value in `x-api-key`.
     pub api_key: Option<String>,

@@ -11,10 +11,12 @@
 //!
 //! Safety: the database commits without syncing (`synchronous = NORMAL`), and this file is
 //! not synced at each commit either, so a power loss may keep a commit whose outputs never
-//! reached the disk. The file is therefore synced, and its mark moved, before each
-//! checkpoint and when the store closes; when a store opens, every output past the mark is
-//! checked, and a run whose output is cut off or damaged goes back to `running` and runs
-//! again, as it would had the power loss taken its commit too.
+//! reached the disk. The file is therefore synced, and its mark moved, before each of the
+//! store's own checkpoints and when the store closes, and each commit that adds outputs
+//! also records in the database where the file then ends. When a store opens and the
+//! database says the file goes on past its mark (or past its length: the file may be
+//! missing or cut), every output from there on is checked, and a run whose output is cut
+//! off or damaged is queued again, to run as if the power loss had taken its commit too.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -71,9 +73,7 @@ impl Outputs {
             write_all_at(&outputs.file, &header, 0)?;
             if durable {
                 outputs.file.sync_all()?;
-                if let Some(dir) = outputs.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    File::open(dir)?.sync_all()?;
-                }
+                outputs.sync_dir()?;
             }
             end = HEADER_BYTES;
         }
@@ -91,6 +91,19 @@ impl Outputs {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Makes the file's name durable in its folder.
+    fn sync_dir(&self) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            let dir = match self.path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Adds the record of run `seq`'s `output` to `buf`, which is to be written at `at`;
@@ -155,12 +168,6 @@ impl Outputs {
     }
 }
 
-impl Drop for Outputs {
-    fn drop(&mut self) {
-        self.sync_mark_or_warn();
-    }
-}
-
 fn crc(seq: i64, output: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&seq.to_le_bytes());
@@ -203,10 +210,14 @@ mod tests {
                 .to_string()
                 .contains("cut off")
         );
-        drop(o);
-
-        // Closing synced the file and moved the mark to its end.
+        // The mark moves to the end only once synced.
         let end = HEADER_BYTES + buf.len() as u64;
+        assert_eq!(
+            Outputs::open(path.clone(), true).unwrap().mark,
+            HEADER_BYTES
+        );
+        o.sync_mark().unwrap();
+        drop(o);
         let again = Outputs::open(path.clone(), true).unwrap();
         assert_eq!((again.end, again.mark), (end, end));
         drop(again);

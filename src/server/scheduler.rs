@@ -226,7 +226,7 @@ fn start(
 
 /// Runs finishing within `window` of `first` join its batch, unless every run in flight
 /// has finished (or the batch is full) sooner. Each transaction rewrites every page it
-/// touches (the runs', their outputs', the events', the indexes' and the group's), so when
+/// touches (the runs', the events', the indexes' and the group's), so when
 /// runs end a few at a time, as under latency, a transaction or two per run is costly: at
 /// 1–3 s latency, 10k runs cost the server 9.3 CPU seconds; gathered, 3.1. The window is
 /// a hundredth of the mean run time, at most [`GATHER`], so a slot waits at most about 1%

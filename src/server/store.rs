@@ -59,6 +59,10 @@ const PAGE_SIZE: i64 = 16384;
 /// How much of the database file connections read through a memory map.
 const MMAP_BYTES: i64 = 1 << 32;
 
+/// A transaction's output records are gathered in a buffer kept for the next one, unless
+/// it grew past this.
+const RECORDS_KEPT: usize = 16 << 20;
+
 /// How often an active group gets a `task_group_status` event while runs finish.
 const STATUS_EVENT_EVERY: Duration = Duration::from_secs(1);
 
@@ -100,6 +104,11 @@ CREATE INDEX IF NOT EXISTS runs_by_group ON runs(gseq);
 CREATE TABLE IF NOT EXISTS run_outputs (
   seq INTEGER PRIMARY KEY,
   output TEXT NOT NULL
+);
+-- One row: where the outputs file ends after the last commit that added outputs.
+CREATE TABLE IF NOT EXISTS outputs_file (
+  id INTEGER PRIMARY KEY CHECK (id = 0),
+  ends_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_queued ON runs(seq) WHERE status = 0;
 CREATE INDEX IF NOT EXISTS runs_running ON runs(seq) WHERE status = 2;
@@ -313,6 +322,15 @@ fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
 /// touched by several batches are written back once.
 const CHECKPOINT_PAGES: i32 = 4096;
 
+impl Drop for Store {
+    /// A store that closes cleanly leaves the outputs file synced, with its mark at the end:
+    /// the next open has nothing to check. (Not done by the file itself: a store that fails
+    /// to open must leave the mark where it was.)
+    fn drop(&mut self) {
+        self.outputs.sync_mark_or_warn();
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, or a private temporary one.
     ///
@@ -332,25 +350,30 @@ impl Store {
         let mut conn = open_conn(&path, durable)?;
         conn.execute_batch(SCHEMA)?;
         add_output_columns(&conn)?;
-        let outputs_path = outputs::path_for(&path);
+        // Named from the database's real path, as SQLite names its log (a symlink to the
+        // database finds the same outputs).
+        let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+        let outputs_path = outputs::path_for(&real);
         let in_outputs = |source| StoreError::Outputs {
             path: outputs_path.clone(),
             source,
         };
         let opened = Outputs::open(outputs_path.clone(), durable).map_err(in_outputs)?;
         let outputs = Arc::new(opened.outputs);
-        // A store that closed cleanly left its mark at the end: nothing to check.
-        let lost = if opened.mark == opened.end {
-            0
-        } else {
-            rerun_lost_outputs(&mut conn, &outputs, opened.mark.min(opened.end))?
-        };
-        if lost > 0 {
-            tracing::warn!(
-                runs = lost,
-                file = %outputs_path.display(),
-                "outputs that never reached the disk before the server stopped: those runs run again"
-            );
+        // Outputs the database points at, past what is known to be on disk, are checked.
+        let trusted = opened.mark.min(opened.end);
+        let ends_at: Option<i64> = conn
+            .query_row("SELECT ends_at FROM outputs_file", [], |r| r.get(0))
+            .optional()?;
+        if ends_at.is_some_and(|e| e as u64 > trusted) {
+            let lost = requeue_lost_outputs(&mut conn, &outputs, trusted)?;
+            if lost > 0 {
+                tracing::warn!(
+                    runs = lost,
+                    file = %outputs_path.display(),
+                    "outputs that never reached the disk before the server stopped: those runs are queued again"
+                );
+            }
         }
         outputs.sync_mark().map_err(in_outputs)?;
         let synced = outputs.clone();
@@ -720,14 +743,26 @@ impl Store {
             } else {
                 Vec::new()
             };
-            // The outputs are in the file before any committed row points at them.
-            self.outputs
-                .write(&w.records, w.outputs_end)
-                .map_err(|source| StoreError::Outputs {
+            // The outputs are in the file before any committed row points at them. Their
+            // place is never used again, even if this fails: bytes partly written there may
+            // lie below a mark moved since.
+            let at = w.outputs_end;
+            w.outputs_end += w.records.len() as u64;
+            if !w.records.is_empty() {
+                tx.prepare_cached(
+                    "INSERT INTO outputs_file (id, ends_at) VALUES (0, ?1)
+                     ON CONFLICT (id) DO UPDATE SET ends_at = excluded.ends_at",
+                )?
+                .execute([w.outputs_end as i64])?;
+                let written = self.outputs.write(&w.records, at);
+                if w.records.capacity() > RECORDS_KEPT {
+                    w.records = Vec::new();
+                }
+                written.map_err(|source| StoreError::Outputs {
                     path: self.outputs.path().to_path_buf(),
                     source,
                 })?;
-            w.outputs_end += w.records.len() as u64;
+            }
             tx.commit()?;
             // Only once committed: a transaction that fails is tried again whole.
             for g in evented {
@@ -885,9 +920,13 @@ fn add_output_columns(c: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Sends back to `running` the completed runs whose outputs, past byte `from` of the
-/// outputs file, are cut off or damaged (see [`outputs`]), and returns how many there were.
-fn rerun_lost_outputs(c: &mut Connection, file: &Outputs, from: u64) -> Result<usize, StoreError> {
+/// Queues again the completed runs whose outputs, past byte `from` of the outputs file, are
+/// cut off or damaged (see [`outputs`]), and returns how many there were.
+fn requeue_lost_outputs(
+    c: &mut Connection,
+    file: &Outputs,
+    from: u64,
+) -> Result<usize, StoreError> {
     let mut lost = Vec::new();
     {
         let mut stmt = c.prepare(
@@ -918,17 +957,19 @@ fn rerun_lost_outputs(c: &mut Connection, file: &Outputs, from: u64) -> Result<u
     // Durable before the file's mark moves past the damaged records.
     let synchronous: i64 = c.pragma_query_value(None, "synchronous", |r| r.get(0))?;
     c.pragma_update(None, "synchronous", "FULL")?;
+    let now = crate::api::now_rfc3339();
     let tx = c.transaction()?;
     for (seq, gseq) in &lost {
         tx.execute(
-            "UPDATE runs SET status = 2, out_at = NULL, out_len = NULL WHERE seq = ?1",
-            [seq],
+            "UPDATE runs SET status = 0, out_at = NULL, out_len = NULL, modified_at = ?2
+             WHERE seq = ?1",
+            params![seq, now],
         )?;
         if let Some(g) = gseq {
             tx.execute(
-                "UPDATE groups SET n_completed = n_completed - 1, n_running = n_running + 1
-                 WHERE gseq = ?1",
-                [g],
+                "UPDATE groups SET n_completed = n_completed - 1, n_queued = n_queued + 1,
+                 modified_at = ?2 WHERE gseq = ?1",
+                params![g, now],
             )?;
         }
     }
