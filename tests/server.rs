@@ -880,9 +880,12 @@ async fn api_key_and_body_limit() {
             .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
             .collect::<Vec<_>>(),
     );
+    // The server answers before the body ends and then closes the connection: it must not
+    // go back to the pool, or the next request may be sent on it as it closes.
     let r = api
         .req(reqwest::Method::POST, &format!("/v1/tasks/groups/{g}/runs"))
         .header("content-type", "application/json")
+        .header("connection", "close")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
