@@ -618,7 +618,7 @@ impl Store {
                 return Ok(None);
             };
             if let Some((at, len)) = stored {
-                let mut buf = Vec::new();
+                let mut buf = outputs::ReadBuf::default();
                 row.output = Some(self.read_output(seq, at, len, &mut buf)?.to_string());
             }
             Ok(Some(row))
@@ -631,7 +631,7 @@ impl Store {
         seq: i64,
         at: i64,
         len: i64,
-        buf: &'a mut Vec<u8>,
+        buf: &'a mut outputs::ReadBuf,
     ) -> Result<&'a str, StoreError> {
         self.outputs
             .read(seq, at as u64, len as u64, buf)
@@ -811,7 +811,7 @@ impl Store {
                 text: String::with_capacity(limit * 512),
                 ..Page::default()
             };
-            let mut buf = Vec::new();
+            let mut buf = outputs::ReadBuf::default();
             while let Some(r) = rows.next()? {
                 let seq: i64 = r.get(0)?;
                 let tag = r.get_ref(1)?.as_str()?;
@@ -933,7 +933,7 @@ fn requeue_lost_outputs(
             "SELECT seq, gseq, out_at, out_len FROM runs WHERE out_at + ?2 + out_len > ?1",
         )?;
         let mut rows = stmt.query(params![from as i64, outputs::CRC_BYTES as i64])?;
-        let mut buf = Vec::new();
+        let mut buf = outputs::ReadBuf::default();
         while let Some(r) = rows.next()? {
             let seq: i64 = r.get(0)?;
             let (at, len): (i64, i64) = (r.get(2)?, r.get(3)?);
