@@ -66,7 +66,7 @@ impl ResultLog {
         let log = Self::with_file(path, sync, false)?;
         // A new file's name must be on disk too before any row points into it.
         if new && sync {
-            log.sync_dir()?;
+            sync_dir_of(&log.path)?;
         }
         Ok(log)
     }
@@ -85,15 +85,6 @@ impl ResultLog {
             .truncate(truncate)
             .open(&path)?;
         Ok(ResultLog { file, path, sync })
-    }
-
-    /// Makes the file's name durable in its folder.
-    fn sync_dir(&self) -> io::Result<()> {
-        #[cfg(unix)]
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -118,7 +109,7 @@ impl ResultLog {
     /// with `sync` off are not, on their own).
     pub fn sync_all(&self) -> io::Result<()> {
         self.file.sync_all()?;
-        self.sync_dir()
+        sync_dir_of(&self.path)
     }
 
     /// Appends one record per (owner, payload), in one write, and returns where each
@@ -248,6 +239,22 @@ fn crc(owner: &[u8], payload: &[u8]) -> u32 {
     h.update(owner);
     h.update(payload);
     h.finalize()
+}
+
+/// Makes the name of the file at `path` durable in its folder (the current folder for a
+/// bare file name).
+pub(crate) fn sync_dir_of(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 #[cfg(unix)]

@@ -22,7 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::ledger::log::{read_exact_at, write_all_at};
+use crate::ledger::log::{read_exact_at, sync_dir_of, write_all_at};
 
 const MAGIC: &[u8; 8] = b"gfouts\x00\x01";
 /// Magic, then the synced mark (u64, little-endian).
@@ -85,7 +85,7 @@ impl Outputs {
             write_all_at(&outputs.file, &header, 0)?;
             if durable {
                 outputs.file.sync_all()?;
-                outputs.sync_dir()?;
+                sync_dir_of(&outputs.path)?;
             }
             end = HEADER_BYTES;
         }
@@ -103,19 +103,6 @@ impl Outputs {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Makes the file's name durable in its folder.
-    fn sync_dir(&self) -> io::Result<()> {
-        #[cfg(unix)]
-        {
-            let dir = match self.path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
     }
 
     /// Adds the record of run `seq`'s `output` to `buf`, which is to be written at `at`;

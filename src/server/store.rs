@@ -47,6 +47,16 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// An error of the outputs file `file`.
+    fn in_outputs(file: &Outputs, source: std::io::Error) -> StoreError {
+        StoreError::Outputs {
+            path: file.path().to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Page size of a new database (an existing one keeps its own). A sim output is about
 /// 2.6 KB of JSON, so a 4 KB page held one and left 1.4 KB empty; 16 KB pages hold six.
 /// At 100k runs the database shrinks from 388 to 282 MB, and the server's CPU time falls
@@ -635,10 +645,7 @@ impl Store {
     ) -> Result<&'a str, StoreError> {
         self.outputs
             .read(seq, at as u64, len as u64, buf)
-            .map_err(|source| StoreError::Outputs {
-                path: self.outputs.path().to_path_buf(),
-                source,
-            })
+            .map_err(|e| StoreError::in_outputs(&self.outputs, e))
     }
 
     /// Runs that were executing when the server stopped, in the order added.
@@ -758,10 +765,7 @@ impl Store {
                 if w.records.capacity() > RECORDS_KEPT {
                     w.records = Vec::new();
                 }
-                written.map_err(|source| StoreError::Outputs {
-                    path: self.outputs.path().to_path_buf(),
-                    source,
-                })?;
+                written.map_err(|e| StoreError::in_outputs(&self.outputs, e))?;
             }
             tx.commit()?;
             // Only once committed: a transaction that fails is tried again whole.
@@ -942,12 +946,7 @@ fn requeue_lost_outputs(
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     lost.push((seq, r.get::<_, Option<i64>>(1)?));
                 }
-                Err(source) => {
-                    return Err(StoreError::Outputs {
-                        path: file.path().to_path_buf(),
-                        source,
-                    });
-                }
+                Err(e) => return Err(StoreError::in_outputs(file, e)),
             }
         }
     }
