@@ -188,9 +188,15 @@ fn start(
     tx: &mpsc::UnboundedSender<(Finished, Duration)>,
 ) {
     let started = std::time::Instant::now();
-    let input = serde_json::from_str::<serde_json::Value>(&c.input)
+    /// The part of a stored run input the processor needs; the rest (processor, metadata)
+    /// is skipped rather than built into a tree and dropped.
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        input: serde_json::Value,
+    }
+    let input = serde_json::from_str::<Stored>(&c.input)
         .ok()
-        .and_then(|mut v| v.get_mut("input").map(serde_json::Value::take));
+        .map(|s| s.input);
     let (seq, gseq) = (c.seq, c.gseq);
     let finish = move |outcome: Result<String, RunFailure>| {
         let outcome = match outcome {
