@@ -504,10 +504,20 @@ impl Store {
                     "INSERT INTO runs (tag, gseq, status, processor, metadata, input, spec_id, created_at, modified_at)
                      VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?7)",
                 )?;
+                // The batch's default spec is looked up once, not hashed again for each run.
+                let mut default_id = None;
                 for run in &runs {
                     let sid = match &run.spec {
                         SpecChoice::None => None,
-                        SpecChoice::Default => default_spec.map(&mut spec_id).transpose()?,
+                        SpecChoice::Default => match (default_id, default_spec) {
+                            (Some(id), _) => Some(id),
+                            (None, Some(text)) => {
+                                let id = spec_id(text)?;
+                                default_id = Some(id);
+                                Some(id)
+                            }
+                            (None, None) => None,
+                        },
                         SpecChoice::Own(text) => Some(spec_id(text)?),
                     };
                     let tag = wire::random_tag();
@@ -1086,4 +1096,60 @@ fn insert_status_event(
     c.prepare_cached("INSERT INTO events (gseq, at, payload) VALUES (?1, ?2, ?3)")?
         .execute(params![gseq, now, payload])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_run_of_a_batch_keeps_the_spec_it_asked_for() {
+        let store = Store::open(None).unwrap();
+        let g = store.create_group(None).unwrap();
+        let (default, own) = (r#"{"d":1}"#, r#"{"o":2}"#);
+        let run = |spec| NewRun {
+            processor: "core".into(),
+            metadata: None,
+            input: r#"{"input":"x","processor":"core"}"#.into(),
+            spec,
+        };
+        let choices = || {
+            vec![
+                run(SpecChoice::Own(own.into())),
+                run(SpecChoice::Default),
+                run(SpecChoice::None),
+                run(SpecChoice::Default),
+                run(SpecChoice::Own(default.into())),
+            ]
+        };
+        // The spec of each run of the group, in order.
+        let specs = || -> Vec<Option<String>> {
+            store
+                .with_reader(|c| {
+                    let mut q = c.prepare(
+                        "SELECT s.json FROM runs r LEFT JOIN specs s ON s.spec_id = r.spec_id
+                         WHERE r.gseq = ?1 ORDER BY r.seq",
+                    )?;
+                    let rows = q.query_map([g.gseq], |r| r.get(0))?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .unwrap()
+        };
+        let mut want = [Some(own), Some(default), None, Some(default), Some(default)]
+            .map(|s| s.map(str::to_string))
+            .to_vec();
+        let added = store.add_runs(g.gseq, &g.tag, Some(default), choices());
+        assert_eq!(added.unwrap().unwrap().run_ids.len(), 5);
+        assert_eq!(specs(), want);
+        // Without a default, a run that asks for it has none.
+        let added = store.add_runs(g.gseq, &g.tag, None, vec![run(SpecChoice::Default)]);
+        assert!(added.unwrap().is_some());
+        want.push(None);
+        assert_eq!(specs(), want);
+        // One spec row per distinct text in a batch.
+        let rows: i64 = store
+            .with_reader(|c| Ok(c.query_row("SELECT count(*) FROM specs", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(rows, 2);
+    }
 }

@@ -188,7 +188,11 @@ fn check_batch(v: &Value, issues: &mut Issues) -> Option<Batch> {
         };
         runs.push(NewRun {
             processor: checked.input.processor,
-            metadata: checked.input.metadata.map(|m| Value::Object(m).to_string()),
+            // `to_string` (Display) would write the same text through the formatter.
+            metadata: checked
+                .input
+                .metadata
+                .and_then(|m| serde_json::to_string(&m).ok()),
             input: checked.text,
             spec,
         });

@@ -906,7 +906,11 @@ pub(crate) fn resolve_ref<'a>(root: &'a Value, r: &str) -> Option<&'a Value> {
 
 /// Numeric bounds of a schema; plausible defaults (years for `*year*` fields) when unset.
 fn bounds(obj: &Map<String, Value>, name: &str) -> (f64, f64) {
-    let (dlo, dhi) = if name.to_ascii_lowercase().contains("year") {
+    let year = name
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"year"));
+    let (dlo, dhi) = if year {
         (1950.0, 2024.0)
     } else {
         (0.0, 1000.0)
