@@ -944,6 +944,13 @@ impl TaskLedger {
     /// An interrupted pipeline's pending claims are taken over only with `no_cache` or
     /// `take_over_pending`; a running pipeline's never.
     pub async fn claim(&self, keys: Vec<String>) -> Result<Vec<Claim>, LedgerError> {
+        let claims = self.claim_rows(keys).await?;
+        Ok(claims.into_iter().map(|(c, _)| c).collect())
+    }
+
+    /// [`TaskLedger::claim`], with the ledger row of each claim (its `rowid`), by which
+    /// [`TaskLedger::results_by_row`] finds the result without a walk of the key index.
+    pub async fn claim_rows(&self, keys: Vec<String>) -> Result<Vec<(Claim, i64)>, LedgerError> {
         let l = &self.ledger;
         let (attempt, task, session, options) =
             (l.attempt, self.task_id, l.session.clone(), l.options);
@@ -979,7 +986,7 @@ impl TaskLedger {
                         tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
                     for key in &keys {
                         if add.execute(params![task, DbKey::new(key), attempt, session])? == 1 {
-                            claims.push(Claim::Submit);
+                            claims.push((Claim::Submit, tx.last_insert_rowid()));
                             continue;
                         }
                         type Known = (i64, i64, String, String, Option<i64>, Option<i64>);
@@ -1036,7 +1043,7 @@ impl TaskLedger {
                             replaced |= old_at.is_some();
                             requeue.execute(params![row, attempt, session])?;
                         }
-                        claims.push(claim);
+                        claims.push((claim, row));
                     }
                 }
                 if replaced {
@@ -1193,6 +1200,19 @@ impl TaskLedger {
 
     /// The stored result of each key (`None` where there is none).
     pub async fn results(&self, keys: Vec<String>) -> Result<Vec<Option<String>>, LedgerError> {
+        self.results_by_row(keys.into_iter().map(|k| (k, None)).collect())
+            .await
+    }
+
+    /// [`TaskLedger::results`], each key with the ledger row its claim found (see
+    /// [`TaskLedger::claim_rows`]) when known. A row is read by its `rowid`, which in a
+    /// new attempt goes through the table in about the order it was written; only a row
+    /// whose key is not the one given (or none given) is looked up by key, a walk down the
+    /// key index to a random page (at 1M rows the index no longer fits the page cache).
+    pub async fn results_by_row(
+        &self,
+        keys: Vec<(String, Option<i64>)>,
+    ) -> Result<Vec<Option<String>>, LedgerError> {
         let task = self.task_id;
         let me = self.ledger.clone();
         self.ledger
@@ -1209,13 +1229,29 @@ impl TaskLedger {
                            (SELECT json FROM results r WHERE r.result_id = runs.result_id)
                          FROM runs WHERE task_id = ?1 AND input_key = ?2",
                     )?;
-                    for k in &keys {
+                    // `NOT INDEXED`: by the rowid, not by the key index, which the key's
+                    // equality would also allow.
+                    let mut by_row = tx.prepare_cached(
+                        "SELECT result_at, result_len,
+                           (SELECT json FROM results r WHERE r.result_id = runs.result_id)
+                         FROM runs NOT INDEXED
+                         WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2",
+                    )?;
+                    for (k, row) in &keys {
                         type Found = (Option<i64>, Option<i64>, Option<String>);
-                        let found: Option<Found> = s
-                            .query_row(params![task, DbKey::new(k)], |r| {
-                                Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
-                            })
-                            .optional()?;
+                        let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Found> {
+                            Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
+                        };
+                        let key = DbKey::new(k);
+                        let mut found: Option<Found> = match row {
+                            Some(row) => {
+                                by_row.query_row(params![task, key, row], read).optional()?
+                            }
+                            None => None,
+                        };
+                        if found.is_none() {
+                            found = s.query_row(params![task, key], read).optional()?;
+                        }
                         out.push(match found {
                             Some((Some(at), Some(len), _)) => {
                                 logged.push((out.len(), owner(task, k), at, len));
@@ -1784,6 +1820,45 @@ mod tests {
             completed,
             json: format!("{{\"k\":\"{key}\"}}"),
         }
+    }
+
+    #[tokio::test]
+    async fn results_are_found_by_the_claims_rows_and_by_key_when_a_row_is_not_theirs() {
+        let l = Ledger::temporary().unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        let ks: Vec<String> = (0..3).map(|i| crate::sink::input_key(&[i])).collect();
+        let mut claimed = t.claim_rows(ks.clone()).await.unwrap();
+        // Claimed again in the same attempt: a duplicate, on the same row.
+        claimed.extend(t.claim_rows(vec![ks[1].clone()]).await.unwrap());
+        assert_eq!(claimed[3], (Claim::Duplicate, claimed[1].1));
+        let rows: Vec<i64> = claimed.iter().map(|&(_, r)| r).collect();
+        assert_eq!(
+            rows[..3]
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            3
+        );
+        t.store_results(ks[..2].iter().map(|k| done(k, true)).collect())
+            .await
+            .unwrap();
+        let want = |k: &str| Some(format!("{{\"k\":\"{k}\"}}"));
+        let read = t
+            .results_by_row(vec![
+                (ks[0].clone(), Some(rows[0])),
+                // Another key's row, a row that does not exist, no row: found by key.
+                (ks[1].clone(), Some(rows[0])),
+                (ks[1].clone(), Some(rows[2] + 100)),
+                (ks[0].clone(), None),
+                // Its own row, no result yet.
+                (ks[2].clone(), Some(rows[2])),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            read,
+            vec![want(&ks[0]), want(&ks[1]), want(&ks[1]), want(&ks[0]), None]
+        );
     }
 
     #[tokio::test]

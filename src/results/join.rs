@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use futures::stream::{BoxStream, Stream, StreamExt};
@@ -161,6 +161,11 @@ const FETCH_AHEAD: usize = 2;
 /// One slice of spilled rows with the stored result of each (`None` where there is none).
 type Fetched = (RecordBatch, Vec<String>, Vec<Option<String>>);
 
+/// Where a spilled batch's row keys are (the ledger rows follow, last).
+fn key_column(batch: &RecordBatch) -> usize {
+    batch.num_columns() - 2
+}
+
 /// Emits one batch per slice of spilled rows: the source columns (without the key), then
 /// the decoder's columns, under `schema`. While `reading` says results are still being
 /// stored, a slice with rows whose result is missing waits for it; the stream ends only
@@ -202,8 +207,7 @@ pub fn join_results(
                 });
             }
             let rows: Vec<Option<&TaskRunEvent>> = events.iter().map(Option::as_ref).collect();
-            let key_col = batch.num_columns() - 1;
-            let mut cols = batch.columns()[..key_col].to_vec();
+            let mut cols = batch.columns()[..key_column(&batch)].to_vec();
             cols.extend(decoder.decode(&rows)?);
             yield RecordBatch::try_new(schema.clone(), cols)?;
         }
@@ -247,18 +251,27 @@ async fn fetch_stored(
         for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
             let batch = spilled.slice(offset, JOIN_ROWS.min(spilled.num_rows() - offset));
             let keys: Vec<String> = batch
-                .column(batch.num_columns() - 1)
+                .column(key_column(&batch))
                 .as_string::<i32>()
                 .iter()
                 .map(|k| k.unwrap_or_default().to_string())
                 .collect();
+            let rows = batch
+                .column(key_column(&batch) + 1)
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            let with_rows = |at: &mut dyn Iterator<Item = usize>| -> Vec<(String, Option<i64>)> {
+                at.map(|i| (keys[i].clone(), rows.is_valid(i).then(|| rows.value(i))))
+                    .collect()
+            };
             stored_changes.mark_unchanged();
             let mut ended = reading_done(&reading).map_err(JoinError::Reading)?;
             if ended && !checkpointed {
                 ledger.checkpoint().await?;
                 checkpointed = true;
             }
-            let mut stored = ledger.results(keys.clone()).await?;
+            let mut stored = ledger
+                .results_by_row(with_rows(&mut (0..keys.len())))
+                .await?;
             // Until every result is stored, the missing ones are looked up again after each
             // change: a store or the end of reading after `mark_unchanged` wakes this.
             while !ended && stored.iter().any(Option::is_none) {
@@ -271,7 +284,7 @@ async fn fetch_stored(
                 let missing: Vec<usize> =
                     (0..keys.len()).filter(|&i| stored[i].is_none()).collect();
                 let found = ledger
-                    .results(missing.iter().map(|&i| keys[i].clone()).collect())
+                    .results_by_row(with_rows(&mut missing.iter().copied()))
                     .await?;
                 for (i, r) in missing.into_iter().zip(found) {
                     stored[i] = r;

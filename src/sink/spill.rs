@@ -1,12 +1,13 @@
-//! The spill file: source rows wait here, in order and with their row keys, while their runs
-//! execute, so the results can be joined back to them without holding the table in memory.
+//! The spill file: source rows wait here, in order and with their row keys (and the ledger
+//! rows their claims found), while their runs execute, so the results can be joined back to
+//! them without holding the table in memory.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamReader;
@@ -15,6 +16,8 @@ use tempfile::TempPath;
 
 /// Name of the row-key column appended to spilled rows.
 pub const ROW_KEY_COLUMN: &str = "__groupflow_row_key";
+/// Name of the column after it: the ledger row each row's claim found (null: not known).
+pub const LEDGER_ROW_COLUMN: &str = "__groupflow_ledger_row";
 
 /// A spill file that could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,7 @@ impl SpillWriter {
         let (file, path) = file.into_parts();
         let mut fields: Vec<Field> = source.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(ROW_KEY_COLUMN, DataType::Utf8, false));
+        fields.push(Field::new(LEDGER_ROW_COLUMN, DataType::Int64, true));
         let schema = Arc::new(Schema::new(fields));
         let writer = StreamWriter::try_new(BufWriter::new(file), &schema).map_err(|source| {
             SpillError::Arrow {
@@ -84,8 +88,20 @@ impl SpillWriter {
 
     /// Appends `batch` with one row key per row.
     pub fn write(&mut self, batch: &RecordBatch, row_keys: Vec<String>) -> Result<(), SpillError> {
+        let rows = vec![None; row_keys.len()];
+        self.write_with_rows(batch, row_keys, rows)
+    }
+
+    /// Appends `batch` with one row key and one ledger row (see [`LEDGER_ROW_COLUMN`]) per row.
+    pub fn write_with_rows(
+        &mut self,
+        batch: &RecordBatch,
+        row_keys: Vec<String>,
+        ledger_rows: Vec<Option<i64>>,
+    ) -> Result<(), SpillError> {
         let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
         cols.push(Arc::new(StringArray::from(row_keys)));
+        cols.push(Arc::new(Int64Array::from(ledger_rows)));
         let err = |source| SpillError::Arrow {
             path: self.path.to_path_buf(),
             source,
@@ -127,7 +143,8 @@ impl Spill {
         self.rows
     }
 
-    /// Reads the batches back in the order written; the last column holds the row keys.
+    /// Reads the batches back in the order written; the last two columns hold the row keys
+    /// and the ledger rows.
     pub fn reader(&self) -> Result<SpillReader, SpillError> {
         let path = self.path.to_path_buf();
         let file = File::open(&path).map_err(|source| SpillError::Io {
@@ -166,7 +183,7 @@ impl SpillReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{AsArray, Int64Array};
+    use arrow::array::AsArray;
 
     #[test]
     fn rows_come_back_in_order_and_the_file_goes_away() {
@@ -182,6 +199,7 @@ mod tests {
         let mut r = spill.reader().unwrap();
         let a = r.next_batch().unwrap().unwrap();
         assert_eq!(a.column(1).as_string::<i32>().value(1), "1:b");
+        assert_eq!(a.column(2).null_count(), 2);
         let b = r.next_batch().unwrap().unwrap();
         assert_eq!(b.num_rows(), 1);
         assert!(r.next_batch().unwrap().is_none());

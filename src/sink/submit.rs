@@ -303,6 +303,7 @@ async fn produce(
         // all are sent.
         let first = writer.rows();
         let mut keys = Vec::with_capacity(batch.num_rows());
+        let mut rows = Vec::with_capacity(batch.num_rows());
         for offset in (0..batch.num_rows()).step_by(SLICE_ROWS) {
             let len = SLICE_ROWS.min(batch.num_rows() - offset);
             let inputs = encoder.encode(&batch.slice(offset, len), first + offset as u64)?;
@@ -310,7 +311,7 @@ async fn produce(
                 .iter()
                 .map(|i| row_key_of(i).unwrap_or_default())
                 .collect();
-            let claims = match ledger.claim(slice_keys.clone()).await {
+            let claims = match ledger.claim_rows(slice_keys.clone()).await {
                 Ok(c) => c,
                 Err(LedgerError::Pending {
                     key,
@@ -328,23 +329,24 @@ async fn produce(
                 Err(e) => return Err(e.into()),
             };
             keys.extend(slice_keys);
+            rows.extend(claims.iter().map(|&(_, row)| Some(row)));
             {
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-                for claim in &claims {
+                for (claim, _) in &claims {
                     c.add(*claim);
                 }
             }
             let to_submit: Vec<TaskRunInput> = inputs
                 .into_iter()
                 .zip(&claims)
-                .filter(|(_, c)| **c == Claim::Submit)
+                .filter(|(_, (c, _))| *c == Claim::Submit)
                 .map(|(i, _)| i)
                 .collect();
             if !to_submit.is_empty() && tx.send(to_submit).await.is_err() {
                 return Ok(writer);
             }
         }
-        writer.write(&batch, keys)?;
+        writer.write_with_rows(&batch, keys, rows)?;
     }
     Ok(writer)
 }
