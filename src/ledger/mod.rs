@@ -1237,11 +1237,11 @@ impl TaskLedger {
                          FROM runs NOT INDEXED
                          WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2",
                     )?;
+                    type Found = (Option<i64>, Option<i64>, Option<String>);
+                    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Found> {
+                        Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
+                    };
                     for (k, row) in &keys {
-                        type Found = (Option<i64>, Option<i64>, Option<String>);
-                        let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Found> {
-                            Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
-                        };
                         let key = DbKey::new(k);
                         let mut found: Option<Found> = match row {
                             Some(row) => {

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use futures::stream::{BoxStream, Stream, StreamExt};
@@ -256,13 +256,13 @@ async fn fetch_stored(
                 .iter()
                 .map(|k| k.unwrap_or_default().to_string())
                 .collect();
-            let rows = batch
+            let rows: Vec<Option<i64>> = batch
                 .column(key_column(&batch) + 1)
-                .as_primitive::<arrow::datatypes::Int64Type>();
-            let with_rows = |at: &mut dyn Iterator<Item = usize>| -> Vec<(String, Option<i64>)> {
-                at.map(|i| (keys[i].clone(), rows.is_valid(i).then(|| rows.value(i))))
-                    .collect()
-            };
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .iter()
+                .collect();
+            // Row `i`'s key and ledger row, as `results_by_row` takes them.
+            let lookup = |i: usize| (keys[i].clone(), rows[i]);
             stored_changes.mark_unchanged();
             let mut ended = reading_done(&reading).map_err(JoinError::Reading)?;
             if ended && !checkpointed {
@@ -270,7 +270,7 @@ async fn fetch_stored(
                 checkpointed = true;
             }
             let mut stored = ledger
-                .results_by_row(with_rows(&mut (0..keys.len())))
+                .results_by_row((0..keys.len()).map(lookup).collect())
                 .await?;
             // Until every result is stored, the missing ones are looked up again after each
             // change: a store or the end of reading after `mark_unchanged` wakes this.
@@ -284,7 +284,7 @@ async fn fetch_stored(
                 let missing: Vec<usize> =
                     (0..keys.len()).filter(|&i| stored[i].is_none()).collect();
                 let found = ledger
-                    .results_by_row(with_rows(&mut missing.iter().copied()))
+                    .results_by_row(missing.iter().map(|&i| lookup(i)).collect())
                     .await?;
                 for (i, r) in missing.into_iter().zip(found) {
                     stored[i] = r;

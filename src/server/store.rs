@@ -505,19 +505,16 @@ impl Store {
                      VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?7)",
                 )?;
                 // The batch's default spec is looked up once, not hashed again for each run.
-                let mut default_id = None;
+                let default_id = match default_spec {
+                    Some(text) if runs.iter().any(|r| matches!(r.spec, SpecChoice::Default)) => {
+                        Some(spec_id(text)?)
+                    }
+                    _ => None,
+                };
                 for run in &runs {
                     let sid = match &run.spec {
                         SpecChoice::None => None,
-                        SpecChoice::Default => match (default_id, default_spec) {
-                            (Some(id), _) => Some(id),
-                            (None, Some(text)) => {
-                                let id = spec_id(text)?;
-                                default_id = Some(id);
-                                Some(id)
-                            }
-                            (None, None) => None,
-                        },
+                        SpecChoice::Default => default_id,
                         SpecChoice::Own(text) => Some(spec_id(text)?),
                     };
                     let tag = wire::random_tag();

@@ -831,7 +831,6 @@ fn any_escaped(w: u64) -> bool {
 /// almost nothing to escape, so it is scanned a word at a time and copied in runs: the
 /// byte-by-byte loop this replaces was 38% of the sim's time.
 fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut start = 0;
     while let Some(i) = next_escaped(bytes, start) {
         out.extend_from_slice(&bytes[start..i]);
@@ -848,9 +847,8 @@ fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
             _ => b'u',
         };
         if short == b'u' {
-            let hex = [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]];
             out.extend_from_slice(b"\\u00");
-            out.extend_from_slice(&hex);
+            push_hex(out, u64::from(b), 2);
         } else {
             out.extend_from_slice(&[b'\\', short]);
         }
