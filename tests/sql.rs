@@ -11,7 +11,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::prelude::SessionContext;
-use groupflow::client::{Client, ClientConfig, RetryConfig};
+use futures::TryStreamExt;
+use groupflow::client::{Client, ClientConfig, LEDGER_ROW, RetryConfig, RunsQuery};
 use groupflow::server::{ServerConfig, ServerHandle, SimConfig};
 use groupflow::sink::TaskDefinition;
 use groupflow::source::{Format, S3Config, SourceOptions, register_table};
@@ -302,6 +303,18 @@ async fn enriched_rows_join_back_to_the_source() {
         .query(&format!("SELECT * FROM task_group_runs('{}')", groups[0]))
         .await;
     assert_eq!(rows(&runs), 5);
+    // Each run names the ledger row its claim found, a different one each.
+    let client = Client::new(ClientConfig::new(env.server.base_url())).unwrap();
+    let events: Vec<_> = client
+        .runs_stream(&groups[0], RunsQuery::default())
+        .try_collect()
+        .await
+        .unwrap();
+    let ledger_rows: BTreeSet<i64> = events
+        .iter()
+        .filter_map(|e| e.run.metadata.as_ref()?.get(LEDGER_ROW)?.as_i64())
+        .collect();
+    assert_eq!(ledger_rows.len(), 5, "{events:?}");
     env.server.shutdown().await;
 }
 

@@ -29,7 +29,7 @@ mod submit;
 pub use config::{API_KEY_ENV, ApiKey, BASE_URL_ENV, ClientConfig, RetryConfig, SubmitConfig};
 pub use error::{ApiError, ClientError};
 pub use http::{Client, ClientStats};
-pub use row_key::{ROW_KEY, derive_row_key, row_key_of, row_key_value};
+pub use row_key::{LEDGER_ROW, ROW_KEY, derive_row_key, row_key_of, row_key_value};
 pub use streams::{RawRun, RunsQuery, decode_run_state, decode_run_state_without_basis};
 pub(crate) use submit::AbortOnDrop;
 pub use submit::AddedBatch;

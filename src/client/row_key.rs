@@ -8,6 +8,11 @@ use crate::api::{self, TaskRunInput};
 /// The metadata key holding each run's row key.
 pub const ROW_KEY: &str = "gf_row";
 
+/// The metadata key holding the row of the submitting ledger that claimed the run (an
+/// integer), by which its result is stored without a lookup by key. Only a hint: whoever
+/// reads it checks that the row is still that key's.
+pub const LEDGER_ROW: &str = "gf_ledger_row";
+
 /// The row key of an input or run metadata value: strings as they are, numbers and
 /// booleans in their JSON form.
 pub fn row_key_value(v: &Value) -> Option<String> {

@@ -55,6 +55,8 @@ pub struct RawRun {
     pub status: RunStatus,
     /// The `gf_row` key of the run's metadata.
     pub row_key: Option<String>,
+    /// The `gf_ledger_row` key of the run's metadata (see [`super::LEDGER_ROW`]).
+    pub ledger_row: Option<i64>,
     /// The `task_run.state` event's data.
     pub data: String,
 }
@@ -79,17 +81,19 @@ impl RawRun {
     /// Files a `task_run.state` event's data.
     pub fn from_data(data: String) -> Result<RawRun, serde_json::Error> {
         let head: RawRunHead = serde_json::from_str(&data)?;
-        let row_key = head
-            .run
-            .metadata
-            .as_ref()
+        let metadata = head.run.metadata.as_ref();
+        let row_key = metadata
             .and_then(|m| m.get(super::ROW_KEY))
             .and_then(super::row_key_value);
+        let ledger_row = metadata
+            .and_then(|m| m.get(super::LEDGER_ROW))
+            .and_then(Value::as_i64);
         Ok(RawRun {
             event_id: head.event_id,
             run_id: head.run.run_id,
             status: head.run.status,
             row_key,
+            ledger_row,
             data,
         })
     }
@@ -632,7 +636,7 @@ mod tests {
 
     #[test]
     fn raw_runs_keep_their_data_and_file_it_by_key() {
-        let data = r#"{"type":"task_run.state","event_id":"7","run":{"run_id":"trun_7","status":"completed","is_active":false,"metadata":{"gf_row":"k7","other":1}},"output":{"type":"json","content":{"n":1},"basis":[{"field":"n","reasoning":"r","citations":[],"confidence":"high"}]}}"#;
+        let data = r#"{"type":"task_run.state","event_id":"7","run":{"run_id":"trun_7","status":"completed","is_active":false,"metadata":{"gf_row":"k7","gf_ledger_row":41,"other":1}},"output":{"type":"json","content":{"n":1},"basis":[{"field":"n","reasoning":"r","citations":[],"confidence":"high"}]}}"#;
         let Ok(Frame::Item(raw)) = decode_raw_run(event("task_run.state", data)) else {
             panic!("not a run")
         };
@@ -643,9 +647,16 @@ mod tests {
                 run_id: "trun_7".into(),
                 status: RunStatus::Completed,
                 row_key: Some("k7".into()),
+                ledger_row: Some(41),
                 data: data.into(),
             }
         );
+        // A ledger row that is not an integer is no hint at all.
+        let odd = data.replace("\"gf_ledger_row\":41", "\"gf_ledger_row\":\"41\"");
+        let Ok(Frame::Item(odd)) = decode_raw_run(event("task_run.state", &odd)) else {
+            panic!("not a run")
+        };
+        assert_eq!((odd.row_key.as_deref(), odd.ledger_row), (Some("k7"), None));
         // Frames named only by their JSON `type` are filed too; errors stay errors.
         let Ok(Frame::Item(by_type)) = decode_raw_run(event("message", data)) else {
             panic!("not a run")

@@ -134,6 +134,9 @@ impl ClaimCounts {
 #[derive(Clone, Debug)]
 pub struct StoredResult {
     pub input_key: String,
+    /// The ledger row the run's claim found, when the run says (see
+    /// [`TaskLedger::claim_rows`]); only a hint, checked against the key.
+    pub row: Option<i64>,
     /// True for `completed`.
     pub completed: bool,
     /// The run's event (`run`, `output`) as JSON.
@@ -1086,30 +1089,45 @@ impl TaskLedger {
                 // commit between these reads and the writes that depend on them.
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 {
-                    // Each run's row is found once by its random-looking input key; the
-                    // results it keeps go to the result log in one append, made durable
-                    // before this transaction links them to their rows by rowid.
+                    // Each run's row is found once: by the ledger row the run names, if that
+                    // row is still its key's, else by its random-looking input key (a walk
+                    // down the key index to a random page). The results it keeps go to the
+                    // result log in one append, made durable before this transaction links
+                    // them to their rows by rowid.
                     let mut find = tx.prepare_cached(
                         "SELECT rowid, attempt, status, result_id, result_at FROM runs
                          WHERE task_id = ?1 AND input_key = ?2",
+                    )?;
+                    // `NOT INDEXED`: by the rowid, not by the key index (see `results_by_row`).
+                    let mut find_row = tx.prepare_cached(
+                        "SELECT rowid, attempt, status, result_id, result_at FROM runs NOT INDEXED
+                         WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2",
                     )?;
                     let mut keep: Vec<(&StoredResult, i64, Option<i64>, Vec<u8>)> =
                         Vec::with_capacity(results.len());
                     // Rows already kept in this batch (an input can have two runs).
                     let mut kept: HashMap<i64, usize> = HashMap::new();
+                    type Row = (i64, i64, String, Option<i64>, Option<i64>);
+                    let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+                        Ok((
+                            row.get(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                            row.get(4)?,
+                        ))
+                    };
                     for r in &results {
-                        type Row = (i64, i64, String, Option<i64>, Option<i64>);
-                        let row: Option<Row> = find
-                            .query_row(params![task, DbKey::new(&r.input_key)], |row| {
-                                Ok((
-                                    row.get(0)?,
-                                    row.get(1)?,
-                                    row.get(2)?,
-                                    row.get(3)?,
-                                    row.get(4)?,
-                                ))
-                            })
-                            .optional()?;
+                        let key = DbKey::new(&r.input_key);
+                        let mut row: Option<Row> = match r.row {
+                            Some(at) => find_row
+                                .query_row(params![task, key, at], read)
+                                .optional()?,
+                            None => None,
+                        };
+                        if row.is_none() {
+                            row = find.query_row(params![task, key], read).optional()?;
+                        }
                         // Only this attempt's claims, and never over a completed result.
                         let Some((row, a, st, old_id, old_at)) = row else {
                             continue;
@@ -1817,6 +1835,7 @@ mod tests {
     fn done(key: &str, completed: bool) -> StoredResult {
         StoredResult {
             input_key: key.into(),
+            row: None,
             completed,
             json: format!("{{\"k\":\"{key}\"}}"),
         }
@@ -1859,6 +1878,46 @@ mod tests {
             read,
             vec![want(&ks[0]), want(&ks[1]), want(&ks[1]), want(&ks[0]), None]
         );
+    }
+
+    #[tokio::test]
+    async fn results_are_stored_on_the_row_their_run_names_if_it_is_their_keys() {
+        let l = Ledger::temporary().unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        let other = l.task("u", "fp2").await.unwrap();
+        let ks: Vec<String> = (0..4).map(|i| crate::sink::input_key(&[i])).collect();
+        let rows: Vec<i64> = t
+            .claim_rows(ks.clone())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        // The same key claimed by another task: a row of the right key but not this task's.
+        let (_, others_row) = other.claim_rows(vec![ks[3].clone()]).await.unwrap()[0];
+        let named = |k: &str, row: Option<i64>| StoredResult {
+            row,
+            ..done(k, true)
+        };
+        t.store_results(vec![
+            named(&ks[0], Some(rows[0])),
+            // Another key's row, a row that does not exist, another task's row of the same
+            // key: each is stored on its own key's row, and the row named is left alone.
+            named(&ks[1], Some(rows[2])),
+            named(&ks[2], Some(rows[3] + 100)),
+            named(&ks[3], Some(others_row)),
+        ])
+        .await
+        .unwrap();
+        let want = |k: &str| Some(format!("{{\"k\":\"{k}\"}}"));
+        let read = t.results(ks.clone()).await.unwrap();
+        assert_eq!(read, ks.iter().map(|k| want(k)).collect::<Vec<_>>());
+        assert_eq!(t.counts().await.unwrap(), (4, 0));
+        assert_eq!(
+            other.results(vec![ks[3].clone()]).await.unwrap(),
+            vec![None]
+        );
+        assert_eq!(other.counts().await.unwrap(), (1, 1));
     }
 
     #[tokio::test]

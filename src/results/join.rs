@@ -139,6 +139,7 @@ pub async fn store_results(
         // Stored as it came: the output is decoded when the rows are joined.
         slice.push(StoredResult {
             input_key,
+            row: run.ledger_row,
             completed: run.status == RunStatus::Completed,
             json: run.data,
         });

@@ -19,7 +19,7 @@ use futures::stream::{BoxStream, StreamExt};
 use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
 use crate::api::{Metadata, TaskRunInput, TaskSpec};
-use crate::client::{Client, ClientError, RunsQuery, row_key_of};
+use crate::client::{Client, ClientError, LEDGER_ROW, RunsQuery, row_key_of};
 use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger};
 
 /// Rows encoded and claimed at a time.
@@ -336,11 +336,18 @@ async fn produce(
                     c.add(*claim);
                 }
             }
+            // Each run carries the ledger row of its claim, so that its result is stored
+            // there without a walk down the ledger's key index.
             let to_submit: Vec<TaskRunInput> = inputs
                 .into_iter()
                 .zip(&claims)
                 .filter(|(_, (c, _))| *c == Claim::Submit)
-                .map(|(i, _)| i)
+                .map(|(mut i, &(_, row))| {
+                    i.metadata
+                        .get_or_insert_with(Default::default)
+                        .insert(LEDGER_ROW.to_string(), row.into());
+                    i
+                })
                 .collect();
             if !to_submit.is_empty() && tx.send(to_submit).await.is_err() {
                 return Ok(writer);
