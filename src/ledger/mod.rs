@@ -1089,20 +1089,12 @@ impl TaskLedger {
                 // commit between these reads and the writes that depend on them.
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 {
-                    // Each run's row is found once: by the ledger row the run names, if that
-                    // row is still its key's, else by its random-looking input key (a walk
-                    // down the key index to a random page). The results it keeps go to the
-                    // result log in one append, made durable before this transaction links
-                    // them to their rows by rowid.
-                    let mut find = tx.prepare_cached(
-                        "SELECT rowid, attempt, status, result_id, result_at FROM runs
-                         WHERE task_id = ?1 AND input_key = ?2",
-                    )?;
-                    // `NOT INDEXED`: by the rowid, not by the key index (see `results_by_row`).
-                    let mut find_row = tx.prepare_cached(
-                        "SELECT rowid, attempt, status, result_id, result_at FROM runs NOT INDEXED
-                         WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2",
-                    )?;
+                    // Each run's row is found once, by the ledger row the run names or by
+                    // key (see `RunFinder`). The results it keeps go to the result log in one
+                    // append, made durable before this transaction links them to their rows
+                    // by rowid.
+                    let mut find =
+                        RunFinder::new(&tx, task, "rowid, attempt, status, result_id, result_at")?;
                     let mut keep: Vec<(&StoredResult, i64, Option<i64>, Vec<u8>)> =
                         Vec::with_capacity(results.len());
                     // Rows already kept in this batch (an input can have two runs).
@@ -1118,16 +1110,7 @@ impl TaskLedger {
                         ))
                     };
                     for r in &results {
-                        let key = DbKey::new(&r.input_key);
-                        let mut row: Option<Row> = match r.row {
-                            Some(at) => find_row
-                                .query_row(params![task, key, at], read)
-                                .optional()?,
-                            None => None,
-                        };
-                        if row.is_none() {
-                            row = find.query_row(params![task, key], read).optional()?;
-                        }
+                        let row: Option<Row> = find.find(&r.input_key, r.row, read)?;
                         // Only this attempt's claims, and never over a completed result.
                         let Some((row, a, st, old_id, old_at)) = row else {
                             continue;
@@ -1223,10 +1206,8 @@ impl TaskLedger {
     }
 
     /// [`TaskLedger::results`], each key with the ledger row its claim found (see
-    /// [`TaskLedger::claim_rows`]) when known. A row is read by its `rowid`, which in a
-    /// new attempt goes through the table in about the order it was written; only a row
-    /// whose key is not the one given (or none given) is looked up by key, a walk down the
-    /// key index to a random page (at 1M rows the index no longer fits the page cache).
+    /// [`TaskLedger::claim_rows`]) when known: read by that row while it is the key's, else
+    /// by key (see [`RunFinder`]).
     pub async fn results_by_row(
         &self,
         keys: Vec<(String, Option<i64>)>,
@@ -1242,34 +1223,18 @@ impl TaskLedger {
                 // starts and ends a transaction of its own, two file-lock calls apiece.
                 let tx = c.transaction()?;
                 {
-                    let mut s = tx.prepare_cached(
-                        "SELECT result_at, result_len,
-                           (SELECT json FROM results r WHERE r.result_id = runs.result_id)
-                         FROM runs WHERE task_id = ?1 AND input_key = ?2",
-                    )?;
-                    // `NOT INDEXED`: by the rowid, not by the key index, which the key's
-                    // equality would also allow.
-                    let mut by_row = tx.prepare_cached(
-                        "SELECT result_at, result_len,
-                           (SELECT json FROM results r WHERE r.result_id = runs.result_id)
-                         FROM runs NOT INDEXED
-                         WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2",
+                    let mut find = RunFinder::new(
+                        &tx,
+                        task,
+                        "result_at, result_len,
+                           (SELECT json FROM results r WHERE r.result_id = runs.result_id)",
                     )?;
                     type Found = (Option<i64>, Option<i64>, Option<String>);
                     let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Found> {
                         Ok((r.get(0)?, r.get(1)?, unpack_result(r.get_ref(2)?)?))
                     };
                     for (k, row) in &keys {
-                        let key = DbKey::new(k);
-                        let mut found: Option<Found> = match row {
-                            Some(row) => {
-                                by_row.query_row(params![task, key, row], read).optional()?
-                            }
-                            None => None,
-                        };
-                        if found.is_none() {
-                            found = s.query_row(params![task, key], read).optional()?;
-                        }
+                        let found: Option<Found> = find.find(k, *row, read)?;
                         out.push(match found {
                             Some((Some(at), Some(len), _)) => {
                                 logged.push((out.len(), owner(task, k), at, len));
@@ -1292,6 +1257,58 @@ impl TaskLedger {
                 Ok(out)
             })
             .await
+    }
+}
+
+/// Finds a task's runs for [`TaskLedger::store_results`] and [`TaskLedger::results_by_row`]:
+/// by the ledger row a claim found (its `rowid`; see [`TaskLedger::claim_rows`]) when that
+/// row is still the key's, which in a new attempt goes through the table in about the order
+/// the claims wrote it; else by key, a walk down the key index to a random page (at 1M rows
+/// the index no longer fits the page cache).
+struct RunFinder<'c> {
+    by_row: rusqlite::CachedStatement<'c>,
+    by_key: rusqlite::CachedStatement<'c>,
+    task: i64,
+}
+
+impl<'c> RunFinder<'c> {
+    /// Selects `columns` of the run.
+    fn new(c: &'c Connection, task: i64, columns: &str) -> rusqlite::Result<Self> {
+        // `NOT INDEXED`: by the rowid, not by the key index, which the key's equality would
+        // also allow.
+        let by_row = c.prepare_cached(&format!(
+            "SELECT {columns} FROM runs NOT INDEXED
+             WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2"
+        ))?;
+        let by_key = c.prepare_cached(&format!(
+            "SELECT {columns} FROM runs WHERE task_id = ?1 AND input_key = ?2"
+        ))?;
+        Ok(RunFinder {
+            by_row,
+            by_key,
+            task,
+        })
+    }
+
+    /// The run of `key` read by `read`, looked for at `row` first when given.
+    fn find<T>(
+        &mut self,
+        key: &str,
+        row: Option<i64>,
+        read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Option<T>> {
+        let key = DbKey::new(key);
+        if let Some(row) = row
+            && let Some(found) = self
+                .by_row
+                .query_row(params![self.task, key, row], &read)
+                .optional()?
+        {
+            return Ok(Some(found));
+        }
+        self.by_key
+            .query_row(params![self.task, key], &read)
+            .optional()
     }
 }
 
