@@ -359,9 +359,11 @@ pub struct CheckedRun {
     pub own_spec: Option<String>,
 }
 
-/// Parses and checks one run input (an element of `inputs`, or a single run's body).
+/// Parses and checks one run input (an element of `inputs`, or a single run's body). The
+/// input is taken, not borrowed: its strings move into the [`TaskRunInput`] rather than
+/// being copied.
 pub fn run_input(
-    v: &Value,
+    v: Value,
     at: &[Loc],
     default_spec: Option<&TaskSpec>,
     issues: &mut Issues,
@@ -369,7 +371,7 @@ pub fn run_input(
     let Some(obj) = v.as_object() else {
         issues.push(
             at.to_vec(),
-            format!("each run input must be an object, got {}", json_kind(v)),
+            format!("each run input must be an object, got {}", json_kind(&v)),
             "dict_type",
         );
         return None;
@@ -507,14 +509,14 @@ mod tests {
         .unwrap();
         let mut issues = Issues::default();
         let ok = run_input(
-            &json!({"input": {"name": "a", "n": 2}, "processor": "core"}),
+            json!({"input": {"name": "a", "n": 2}, "processor": "core"}),
             &[],
             Some(&spec),
             &mut issues,
         );
         assert!(ok.is_some() && issues.is_empty());
         run_input(
-            &json!({"input": {"n": "two"}, "processor": "core"}),
+            json!({"input": {"n": "two"}, "processor": "core"}),
             &[Loc::Index(4)],
             Some(&spec),
             &mut issues,
@@ -527,7 +529,7 @@ mod tests {
         );
         let mut issues = Issues::default();
         run_input(
-            &json!({"input": "text", "processor": "gpt"}),
+            json!({"input": "text", "processor": "gpt"}),
             &[],
             Some(&spec),
             &mut issues,

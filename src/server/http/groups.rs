@@ -121,15 +121,23 @@ struct Batch {
     runs: Vec<NewRun>,
 }
 
-fn check_batch(v: &Value, issues: &mut Issues) -> Option<Batch> {
+/// Checks a parsed add-runs body, taking it apart: each run's strings move into its
+/// [`NewRun`].
+fn check_batch(v: Value, issues: &mut Issues) -> Option<Batch> {
     let body = [Loc::from("body")];
-    let Some(obj) = v.as_object() else {
-        issues.push(
-            body.to_vec(),
-            format!("Input should be a valid dictionary, got {}", json_kind(v)),
-            "dict_type",
-        );
-        return None;
+    let mut obj = match v {
+        Value::Object(obj) => obj,
+        other => {
+            issues.push(
+                body.to_vec(),
+                format!(
+                    "Input should be a valid dictionary, got {}",
+                    json_kind(&other)
+                ),
+                "dict_type",
+            );
+            return None;
+        }
     };
     if let Some(r) = obj.get("refresh_status")
         && !(r.is_boolean() || r.is_null())
@@ -149,7 +157,7 @@ fn check_batch(v: &Value, issues: &mut Issues) -> Option<Batch> {
         ),
     };
     let inputs_loc = vec![Loc::from("body"), Loc::from("inputs")];
-    let inputs = match obj.get("inputs") {
+    let inputs = match obj.remove("inputs") {
         None => {
             issues.push(inputs_loc, "Field required", "missing");
             return None;
@@ -158,7 +166,7 @@ fn check_batch(v: &Value, issues: &mut Issues) -> Option<Batch> {
         Some(other) => {
             issues.push(
                 inputs_loc,
-                format!("Input should be a valid list, got {}", json_kind(other)),
+                format!("Input should be a valid list, got {}", json_kind(&other)),
                 "list_type",
             );
             return None;
@@ -176,7 +184,7 @@ fn check_batch(v: &Value, issues: &mut Issues) -> Option<Batch> {
         return None;
     }
     let mut runs = Vec::with_capacity(inputs.len());
-    for (i, item) in inputs.iter().enumerate() {
+    for (i, item) in inputs.into_iter().enumerate() {
         let at = [Loc::from("body"), Loc::from("inputs"), Loc::Index(i)];
         let Some(checked) = validate::run_input(item, &at, default_spec.as_ref(), issues) else {
             continue;
@@ -225,7 +233,7 @@ pub async fn add_runs(
     let added = state
         .blocking(move |s| {
             let mut issues = Issues::default();
-            let batch = parse_json(&bytes, &mut issues).and_then(|v| check_batch(&v, &mut issues));
+            let batch = parse_json(&bytes, &mut issues).and_then(|v| check_batch(v, &mut issues));
             let Some(batch) = batch else {
                 return Err(ApiError::Invalid(issues));
             };

@@ -44,7 +44,7 @@ pub async fn create(State(state): State<AppState>, body: Body) -> Result<Respons
                     "Forbidden: invalid processor in request: `{p}`"
                 )));
             }
-            let Some(checked) = validate::run_input(&v, &[Loc::from("body")], None, &mut issues)
+            let Some(checked) = validate::run_input(v, &[Loc::from("body")], None, &mut issues)
             else {
                 return Err(ApiError::InvalidRun(issues));
             };
