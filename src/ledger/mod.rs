@@ -1539,11 +1539,13 @@ pub fn fingerprint(bytes: &[u8]) -> String {
 }
 
 /// `bytes` as lowercase hex digits (a fingerprint key's text, from its stored 16 bytes).
+/// Looked up per half byte: a formatter call per byte was 1% of a 100k-row run's CPU.
 fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(2 * bytes.len());
     for b in bytes {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
     }
     out
 }
@@ -2239,6 +2241,14 @@ mod tests {
     fn fingerprints_are_stable_and_follow_the_spec() {
         assert_eq!(fingerprint(b"abc"), fingerprint(b"abc"));
         assert_eq!(fingerprint(b"abc").len(), 32);
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xf0, 0xff]), "000fa5f0ff");
+        // What SQLite's `unhex` stores, `hex` reads back.
+        let c = Connection::open_in_memory().unwrap();
+        let key = fingerprint(b"abc");
+        let stored: Vec<u8> = c
+            .query_row("SELECT unhex(?1)", [&key], |r| r.get(0))
+            .unwrap();
+        assert_eq!(hex(&stored), key);
         assert_ne!(fingerprint(b"abc"), fingerprint(b"abd"));
         let spec = |t: &str| crate::api::TaskSpec {
             output_schema: crate::api::Schema::Text {
