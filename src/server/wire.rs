@@ -237,23 +237,46 @@ pub fn push_json_str(out: &mut String, s: &str) {
     }
 }
 
+/// Appends `v` as 16 lowercase hex digits, as `{v:016x}` would. The formatter pads and
+/// writes a character at a time: ids are written for every run of every stream page and
+/// add-runs answer, and that was 1.6% of the server's CPU at 100k runs.
+fn push_hex16(out: &mut String, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    for (i, d) in buf.iter_mut().enumerate() {
+        *d = DIGITS[((v >> (60 - 4 * i)) & 15) as usize];
+    }
+    out.extend(buf.iter().map(|&b| b as char));
+}
+
 fn push_id_suffix(out: &mut String, tag: &str, seq: i64) {
-    let _ = write!(out, "{tag}{seq:016x}");
+    out.push_str(tag);
+    push_hex16(out, seq as u64);
+}
+
+/// `prefix`, `tag` and `seq` in 16 hex digits: a wire id.
+fn id(prefix: &str, tag: &str, seq: i64) -> String {
+    let mut out = String::with_capacity(prefix.len() + tag.len() + 16);
+    out.push_str(prefix);
+    push_id_suffix(&mut out, tag, seq);
+    out
 }
 
 /// A random 16-hex-digit tag: the unguessable half of an id.
 pub fn random_tag() -> String {
-    format!("{:016x}", rand::random::<u64>())
+    let mut out = String::with_capacity(16);
+    push_hex16(&mut out, rand::random::<u64>());
+    out
 }
 
 /// The wire id of run `seq`.
 pub fn run_id(tag: &str, seq: i64) -> String {
-    format!("trun_{tag}{seq:016x}")
+    id("trun_", tag, seq)
 }
 
 /// The wire id of group `gseq`.
 pub fn group_id(tag: &str, gseq: i64) -> String {
-    format!("tgrp_{tag}{gseq:016x}")
+    id("tgrp_", tag, gseq)
 }
 
 /// Splits an id with the given prefix into (sequence, tag); `None` if it is not ours.
@@ -316,6 +339,15 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_reject_foreign_ids() {
+        for v in [0, 7, 0x0123_4567_89ab_cdef, u64::MAX, rand::random::<u64>()] {
+            let mut out = String::new();
+            push_hex16(&mut out, v);
+            assert_eq!(out, format!("{v:016x}"));
+        }
+        assert_eq!(
+            group_id("00000000000000ff", 0x1a),
+            "tgrp_00000000000000ff000000000000001a"
+        );
         let id = run_id(&random_tag(), 7);
         assert_eq!(id.len(), 37);
         let (seq, tag) = parse_id(&id, "trun_").unwrap();
