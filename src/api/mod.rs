@@ -38,6 +38,19 @@ pub fn new_ref_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Appends `bytes` as lowercase hex digits, two per byte, by table lookup: the formatter
+/// (`{:02x}`, `{:016x}`) writes a character at a time, which showed in the profiles of
+/// both the ledger's keys (1.1% of a 100k-row run's client CPU) and the server's ids (1.6%
+/// of its CPU).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 * bytes.len());
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+}
+
 /// RFC 3339 with microseconds and `Z`, as the API writes timestamps.
 pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
