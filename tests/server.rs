@@ -1401,3 +1401,78 @@ async fn runs_whose_outputs_never_reached_the_disk_run_again_after_a_restart() {
     let again = outputs_of(&served.api.sse(&runs_path).await);
     assert_eq!(again, before);
 }
+
+/// With no latency the sim's outputs are ready at once, so runs are stored ended by the
+/// add-runs transaction itself. They must end exactly as the scheduler would end them:
+/// the same outputs byte for byte, the same runs failing, one event each, and the counts
+/// of the add-runs answer already final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_an_instant_processor_ends_on_arrival_end_as_the_scheduler_ends_them() {
+    let mut own = companies(4);
+    for run in &mut own {
+        let mut spec = company_spec();
+        spec["output_schema"]["json_schema"]["properties"]["ceo"] = json!({"type": "string"});
+        run["task_spec"] = spec;
+    }
+    let mut inputs = companies(40);
+    inputs.extend(own);
+    let body = json!({"default_task_spec": company_spec(), "inputs": inputs});
+    // What each run ended with (status, output, error message), in the order added.
+    let mut ended = Vec::new();
+    for latency in [Duration::ZERO, Duration::from_millis(1)] {
+        let mut config = ServerConfig::for_tests();
+        config.sim.failure_rate = 0.3;
+        config.sim.latency = latency..=latency;
+        let (h, api) = start(config).await;
+        let g = api.create_group().await;
+        let added = api.add_runs(&g, body.clone()).await;
+        let counts = &added.status.task_run_status_counts;
+        if latency.is_zero() {
+            assert!(!added.status.is_active, "nothing left to run");
+            assert_eq!(counts.get("queued").copied().unwrap_or(0), 0);
+            assert_eq!(counts["completed"] + counts["failed"], 44);
+        }
+        api.wait_inactive(&g).await;
+        let runs = api
+            .sse(&format!(
+                "/v1beta/tasks/groups/{g}/runs?include_output=true"
+            ))
+            .await;
+        let mut these = Vec::new();
+        for (_, v) in &runs.events {
+            let output = v["output"].to_string();
+            let error = v["run"]["error"]["message"].to_string();
+            these.push((v["run"]["status"].to_string(), output, error));
+        }
+        assert_eq!(these.len(), 44);
+        ended.push(these);
+        let events = api.sse(&format!("/v1/tasks/groups/{g}/events")).await;
+        let run_events: Vec<(String, String)> = events
+            .typed()
+            .into_iter()
+            .filter_map(|e| match e {
+                StreamEvent::RunState(e) => Some((e.run.run_id, e.run.status.as_str().to_string())),
+                _ => None,
+            })
+            .collect();
+        if latency.is_zero() {
+            let ids: Vec<&String> = run_events.iter().map(|(id, _)| id).collect();
+            assert_eq!(
+                ids,
+                added.run_ids.iter().collect::<Vec<_>>(),
+                "one event per run"
+            );
+            assert!(
+                run_events
+                    .iter()
+                    .all(|(_, s)| s == "completed" || s == "failed")
+            );
+        } else {
+            assert_eq!(run_events.len(), 88, "running, then ended");
+        }
+        h.shutdown().await;
+    }
+    let failed = ended[0].iter().filter(|e| e.0 == "\"failed\"").count();
+    assert!((4..=24).contains(&failed), "about 30% fail: {failed}");
+    assert_eq!(ended[0], ended[1]);
+}

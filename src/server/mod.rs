@@ -6,6 +6,9 @@
 //!     ▲                              │ runs / events tables (seq = cursor)       │ claim N
 //!     └── SSE pages ◄── readers ◄────┘                        processor (sim) ◄──┘ finish N
 //! ```
+//!
+//! A processor whose runs take no time (the sim with latency 0) is run by add-runs itself:
+//! the runs are stored ended, and the scheduler never sees them.
 
 mod args;
 mod checkpoint;
@@ -168,7 +171,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let sim: Arc<dyn Processor> = Arc::new(Sim::new(config.sim.clone()));
     let scheduler = scheduler::Scheduler {
         store: store.clone(),
-        processor: sim,
+        processor: sim.clone(),
         concurrency: config.concurrency,
         wake: wake.clone(),
         changes: changes.clone(),
@@ -176,6 +179,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     };
     let state = http::AppState {
         store,
+        processor: sim,
         config: Arc::new(config),
         changes,
         wake,

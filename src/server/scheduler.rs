@@ -199,11 +199,11 @@ fn start(
         .map(|s| s.input);
     let (seq, gseq) = (c.seq, c.gseq);
     let finish = move |outcome: Result<String, RunFailure>| {
-        let outcome = match outcome {
-            Ok(text) => Outcome::Completed(text),
-            Err(f) => failure(&f.message, f.detail),
+        let finished = Finished {
+            seq,
+            gseq,
+            outcome: outcome_of(outcome),
         };
-        let finished = Finished { seq, gseq, outcome };
         (finished, started.elapsed())
     };
     let Some(input) = input else {
@@ -260,6 +260,14 @@ async fn gather(
             Ok(Some(f)) => batch.push(f),
             _ => return batch,
         }
+    }
+}
+
+/// How a run the processor answered ended, as stored.
+pub(super) fn outcome_of(result: Result<String, RunFailure>) -> Outcome {
+    match result {
+        Ok(text) => Outcome::Completed(text),
+        Err(f) => failure(&f.message, f.detail),
     }
 }
 

@@ -198,6 +198,8 @@ pub struct NewRun {
     pub metadata: Option<String>,
     pub input: String,
     pub spec: SpecChoice,
+    /// How it ended, when it was executed as it came in: it is stored ended, never queued.
+    pub outcome: Option<Outcome>,
 }
 
 /// Which task spec a new run executes.
@@ -508,64 +510,108 @@ impl Store {
                 .prepare_cached("SELECT MAX(eseq) FROM events WHERE gseq = ?1")?
                 .query_row([gseq], |r| r.get(0))?;
             let mut run_ids = Vec::with_capacity(runs.len());
+            // Runs are numbered here rather than by the insert: an output's record in the
+            // outputs file names its run, and is written before the run's row.
+            let mut next_seq: i64 = tx
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs")?
+                .query_row([], |r| r.get(0))?;
+            let mut ended = (0i64, 0i64);
+            w.records.clear();
             {
-            let mut spec_ids: HashMap<String, i64> = HashMap::new();
-            let mut insert_spec = tx.prepare_cached("INSERT INTO specs (json) VALUES (?1)")?;
-            let mut spec_id = |text: &str| -> Result<i64, rusqlite::Error> {
-                if let Some(id) = spec_ids.get(text) {
-                    return Ok(*id);
-                }
-                insert_spec.execute([text])?;
-                let id = tx.last_insert_rowid();
-                spec_ids.insert(text.to_string(), id);
-                Ok(id)
-            };
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO runs (tag, gseq, status, processor, metadata, input, spec_id, created_at, modified_at)
-                     VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?7)",
-                )?;
-                // The batch's default spec is looked up once, not hashed again for each run.
-                let default_id = match default_spec {
-                    Some(text) if runs.iter().any(|r| matches!(r.spec, SpecChoice::Default)) => {
-                        Some(spec_id(text)?)
+                let mut spec_ids: HashMap<String, i64> = HashMap::new();
+                let mut insert_spec = tx.prepare_cached("INSERT INTO specs (json) VALUES (?1)")?;
+                let mut spec_id = |text: &str| -> Result<i64, rusqlite::Error> {
+                    if let Some(id) = spec_ids.get(text) {
+                        return Ok(*id);
                     }
-                    _ => None,
+                    insert_spec.execute([text])?;
+                    let id = tx.last_insert_rowid();
+                    spec_ids.insert(text.to_string(), id);
+                    Ok(id)
                 };
-                for run in &runs {
-                    let sid = match &run.spec {
-                        SpecChoice::None => None,
-                        SpecChoice::Default => default_id,
-                        SpecChoice::Own(text) => Some(spec_id(text)?),
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT INTO runs (seq, tag, gseq, status, processor, metadata, input,
+                                       spec_id, error, out_at, out_len, created_at, modified_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                    )?;
+                    let mut event = tx.prepare_cached(
+                        "INSERT INTO events (gseq, run_seq, status, at) VALUES (?1, ?2, ?3, ?4)",
+                    )?;
+                    // The batch's default spec is looked up once, not hashed again for each run.
+                    let default_id = match default_spec {
+                        Some(text)
+                            if runs.iter().any(|r| matches!(r.spec, SpecChoice::Default)) =>
+                        {
+                            Some(spec_id(text)?)
+                        }
+                        _ => None,
                     };
-                    let tag = wire::random_tag();
-                    insert.execute(params![
-                        tag,
-                        gseq,
-                        run.processor,
-                        run.metadata,
-                        run.input,
-                        sid,
-                        now
-                    ])?;
-                    let seq = tx.last_insert_rowid();
-                    run_ids.push(wire::run_id(&tag, seq));
+                    for run in &runs {
+                        let sid = match &run.spec {
+                            SpecChoice::None => None,
+                            SpecChoice::Default => default_id,
+                            SpecChoice::Own(text) => Some(spec_id(text)?),
+                        };
+                        let tag = wire::random_tag();
+                        let seq = next_seq;
+                        next_seq += 1;
+                        let (status, error, out) = match &run.outcome {
+                            None => (StatusCode::Queued, None, None),
+                            Some(Outcome::Completed(out)) => {
+                                let at = Outputs::encode(&mut w.records, w.outputs_end, seq, out);
+                                (
+                                    StatusCode::Completed,
+                                    None,
+                                    Some((at as i64, out.len() as i64)),
+                                )
+                            }
+                            Some(Outcome::Failed(err)) => (StatusCode::Failed, Some(err), None),
+                        };
+                        insert.execute(params![
+                            seq,
+                            tag,
+                            gseq,
+                            status as i64,
+                            run.processor,
+                            run.metadata,
+                            run.input,
+                            sid,
+                            error,
+                            out.map(|o| o.0),
+                            out.map(|o| o.1),
+                            now
+                        ])?;
+                        if status != StatusCode::Queued {
+                            event.execute(params![gseq, seq, status as i64, now])?;
+                            if status == StatusCode::Completed {
+                                ended.0 += 1;
+                            } else {
+                                ended.1 += 1;
+                            }
+                        }
+                        run_ids.push(wire::run_id(&tag, seq));
+                    }
                 }
-            }
             }
             let n = runs.len() as i64;
+            let (completed, failed) = ended;
             let mut counts = group.counts;
             counts.num_runs += n;
-            counts.queued += n;
+            counts.queued += n - completed - failed;
+            counts.completed += completed;
+            counts.failed += failed;
             counts.modified_at = now.clone();
             tx.prepare_cached(
-                "UPDATE groups SET num_runs = num_runs + ?2, n_queued = n_queued + ?2,
+                "UPDATE groups SET num_runs = num_runs + ?2, n_queued = n_queued + ?2 - ?4 - ?5,
+                 n_completed = n_completed + ?4, n_failed = n_failed + ?5,
                  modified_at = ?3 WHERE gseq = ?1",
             )?
-            .execute(params![gseq, n, now])?;
+            .execute(params![gseq, n, now, completed, failed])?;
             if n > 0 {
                 insert_status_event(&tx, gseq, &counts, &now)?;
             }
+            append_outputs(&mut w.records, &mut w.outputs_end, &self.outputs, &tx)?;
             tx.commit()?;
             Ok(Some(AddedRuns {
                 run_ids,
@@ -778,23 +824,7 @@ impl Store {
             } else {
                 Vec::new()
             };
-            // The outputs are in the file before any committed row points at them. Their
-            // place is never used again, even if this fails: bytes partly written there may
-            // lie below a mark moved since.
-            let at = w.outputs_end;
-            w.outputs_end += w.records.len() as u64;
-            if !w.records.is_empty() {
-                tx.prepare_cached(
-                    "INSERT INTO outputs_file (id, ends_at) VALUES (0, ?1)
-                     ON CONFLICT (id) DO UPDATE SET ends_at = excluded.ends_at",
-                )?
-                .execute([w.outputs_end as i64])?;
-                let written = self.outputs.write(&w.records, at);
-                if w.records.capacity() > RECORDS_KEPT {
-                    w.records = Vec::new();
-                }
-                written.map_err(|e| StoreError::in_outputs(&self.outputs, e))?;
-            }
+            append_outputs(&mut w.records, &mut w.outputs_end, &self.outputs, &tx)?;
             tx.commit()?;
             // Only once committed: a transaction that fails is tried again whole.
             for g in evented {
@@ -922,6 +952,33 @@ impl Store {
             Ok(page)
         })
     }
+}
+
+/// Writes a transaction's output records to the end of the outputs file
+/// and records in `tx` where the file now ends. The outputs are in the file before any
+/// committed row points at them. Their place is never used again, even if the transaction
+/// fails: bytes partly written there may lie below a mark moved since.
+fn append_outputs(
+    records: &mut Vec<u8>,
+    outputs_end: &mut u64,
+    outputs: &Outputs,
+    tx: &rusqlite::Transaction<'_>,
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let at = *outputs_end;
+    *outputs_end += records.len() as u64;
+    tx.prepare_cached(
+        "INSERT INTO outputs_file (id, ends_at) VALUES (0, ?1)
+         ON CONFLICT (id) DO UPDATE SET ends_at = excluded.ends_at",
+    )?
+    .execute([*outputs_end as i64])?;
+    let written = outputs.write(records, at);
+    if records.capacity() > RECORDS_KEPT {
+        *records = Vec::new();
+    }
+    written.map_err(|e| StoreError::in_outputs(outputs, e))
 }
 
 /// The runs of a page of a group's runs stream.
@@ -1134,6 +1191,7 @@ mod tests {
             metadata: None,
             input: r#"{"input":"x","processor":"core"}"#.into(),
             spec: SpecChoice::None,
+            outcome: None,
         };
         for n in 1..=3 {
             let runs = (0..n).map(|_| run()).collect();
@@ -1166,6 +1224,7 @@ mod tests {
             metadata: None,
             input: r#"{"input":"x","processor":"core"}"#.into(),
             spec,
+            outcome: None,
         };
         let choices = || {
             vec![

@@ -5,10 +5,14 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::{ApiError, AppState, Params, parse_json, read_body};
 use crate::api::{MAX_RUNS_PER_REQUEST, json_kind};
+use crate::server::processor::{Job, Processor};
+use crate::server::scheduler::outcome_of;
 use crate::server::store::{GroupRow, NewRun, SpecChoice};
 use crate::server::validate::{self, Issues, Loc};
 use crate::server::wire;
@@ -122,8 +126,9 @@ struct Batch {
 }
 
 /// Checks a parsed add-runs body, taking it apart: each run's strings move into its
-/// [`NewRun`].
-fn check_batch(v: Value, issues: &mut Issues) -> Option<Batch> {
+/// [`NewRun`]. With an `instant` processor each run is executed here, on the input just
+/// parsed, and is stored as ended.
+fn check_batch(v: Value, instant: Option<&dyn Processor>, issues: &mut Issues) -> Option<Batch> {
     let body = [Loc::from("body")];
     let mut obj = match v {
         Value::Object(obj) => obj,
@@ -184,25 +189,49 @@ fn check_batch(v: Value, issues: &mut Issues) -> Option<Batch> {
         return None;
     }
     let mut runs = Vec::with_capacity(inputs.len());
+    // The runs that execute the default spec share one, as a claimed batch does.
+    let shared_spec = instant.and(default_spec.clone()).map(Arc::new);
     for (i, item) in inputs.into_iter().enumerate() {
         let at = [Loc::from("body"), Loc::from("inputs"), Loc::Index(i)];
-        let Some(checked) = validate::run_input(item, &at, default_spec.as_ref(), issues) else {
+        let Some(mut checked) = validate::run_input(item, &at, default_spec.as_ref(), issues)
+        else {
             continue;
         };
+        if !issues.is_empty() {
+            // The batch is refused: the rest is only checked.
+            continue;
+        }
         let spec = match checked.own_spec {
             Some(text) => SpecChoice::Own(text),
             None if default_spec.is_some() => SpecChoice::Default,
             None => SpecChoice::None,
         };
+        // `to_string` (Display) would write the same text through the formatter.
+        let metadata = checked
+            .input
+            .metadata
+            .take()
+            .and_then(|m| serde_json::to_string(&m).ok());
+        let outcome = instant.and_then(|p| {
+            let job = Job {
+                spec: match &spec {
+                    SpecChoice::Own(_) => checked.input.task_spec.take().map(Arc::new),
+                    SpecChoice::Default => shared_spec.clone(),
+                    SpecChoice::None => None,
+                },
+                processor: std::mem::take(&mut checked.input.processor),
+                input: checked.input.input.take(),
+            };
+            let outcome = p.process_now(&job).map(outcome_of);
+            checked.input.processor = job.processor;
+            outcome
+        });
         runs.push(NewRun {
             processor: checked.input.processor,
-            // `to_string` (Display) would write the same text through the formatter.
-            metadata: checked
-                .input
-                .metadata
-                .and_then(|m| serde_json::to_string(&m).ok()),
+            metadata,
             input: checked.text,
             spec,
+            outcome,
         });
     }
     if !issues.is_empty() {
@@ -230,10 +259,13 @@ pub async fn add_runs(
         return Err(ApiError::Invalid(issues));
     }
     let bytes = read_body(body, state.config.max_body_bytes).await?;
+    let processor = state.processor.clone();
     let added = state
         .blocking(move |s| {
             let mut issues = Issues::default();
-            let batch = parse_json(&bytes, &mut issues).and_then(|v| check_batch(v, &mut issues));
+            let instant = processor.instant().then_some(&*processor);
+            let batch =
+                parse_json(&bytes, &mut issues).and_then(|v| check_batch(v, instant, &mut issues));
             let Some(batch) = batch else {
                 return Err(ApiError::Invalid(issues));
             };

@@ -29,6 +29,8 @@ use crate::api::paths::{V1, V1BETA};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<Store>,
+    /// What executes runs; added runs it answers at once are stored as ended.
+    pub processor: Arc<dyn super::processor::Processor>,
     pub config: Arc<ServerConfig>,
     /// Bumped after every committed change; streams and `/result` wait on it.
     pub changes: Arc<watch::Sender<u64>>,

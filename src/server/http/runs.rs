@@ -53,6 +53,7 @@ pub async fn create(State(state): State<AppState>, body: Body) -> Result<Respons
                 metadata: checked.input.metadata.map(|m| Value::Object(m).to_string()),
                 input: checked.text,
                 spec: checked.own_spec.map_or(SpecChoice::None, SpecChoice::Own),
+                outcome: None,
             })?)
         })
         .await?;

@@ -56,6 +56,13 @@ pub trait Processor: Send + Sync + 'static {
     fn process_now(&self, _job: &Job) -> Option<Result<String, RunFailure>> {
         None
     }
+
+    /// True when every run's output is ready at once ([`Processor::process_now`] always
+    /// answers): the server then records each added run as ended in the transaction that
+    /// adds it, with no queue, claim or second write in between.
+    fn instant(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

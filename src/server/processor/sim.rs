@@ -186,6 +186,10 @@ impl Processor for Sim {
         }
         Some(self.outcome_seeded(job, seed))
     }
+
+    fn instant(&self) -> bool {
+        self.config.latency.end().is_zero()
+    }
 }
 
 /// The schema the simulator answers auto-schema runs with.
