@@ -1013,3 +1013,43 @@ fn every_command_explains_itself_with_help() {
     let bad = groupflow(dir.path(), &["run"], &[]);
     assert_eq!(bad.status.code(), Some(2), "{}", show(&bad));
 }
+
+/// A step that fails midway (its source breaks at row 25,000, after rows have gone on)
+/// leaves no output, no temporary file and no folder made for them.
+#[test]
+fn a_step_failing_midway_leaves_no_output_and_no_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("n\n");
+    for i in 0..30_000 {
+        if i == 25_000 {
+            csv.push_str("oops\n");
+        } else {
+            csv.push_str(&format!("{i}\n"));
+        }
+    }
+    std::fs::write(dir.path().join("numbers.csv"), csv).unwrap();
+    let pipeline = "version: 1
+name: midway
+sources:
+  numbers: { path: numbers.csv }
+tasks:
+  unused:
+    processor: lite
+    input: { n: n }
+    output: { type: object, properties: { s: { type: string } }, required: [s] }
+steps:
+  - { name: doubled, sql: \"SELECT n * 2 AS twice FROM numbers\" }
+outputs:
+  - { from: doubled, path: out/deeper/doubled.parquet }
+  - { from: doubled, path: out/doubled.csv }
+";
+    std::fs::write(dir.path().join("midway.yaml"), pipeline).unwrap();
+    let out = groupflow(dir.path(), &["run", "midway.yaml"], &[]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(text(&out.stderr).contains("oops"), "{}", show(&out));
+    assert!(
+        !dir.path().join("out").exists(),
+        "{:?}",
+        files_under(dir.path())
+    );
+}
