@@ -27,7 +27,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
     /// Latency of each simulated run in milliseconds: `N` or a range `MIN..MAX`
-    /// (each run's point in the range is fixed by its input).
+    /// (each run's point in the range is fixed by its input). With 0 (the default), runs
+    /// added to a group end as they are added, and the add-runs answer shows them ended.
     #[arg(long, default_value = "0", value_parser = parse_latency, value_name = "MS|MIN..MAX")]
     pub sim_latency_ms: RangeInclusive<Duration>,
     /// Fraction of simulated runs that fail, chosen deterministically by input.
