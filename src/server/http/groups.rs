@@ -193,8 +193,7 @@ fn check_batch(v: Value, instant: Option<&dyn Processor>, issues: &mut Issues) -
     let shared_spec = instant.and(default_spec.clone()).map(Arc::new);
     for (i, item) in inputs.into_iter().enumerate() {
         let at = [Loc::from("body"), Loc::from("inputs"), Loc::Index(i)];
-        let Some(mut checked) = validate::run_input(item, &at, default_spec.as_ref(), issues)
-        else {
+        let Some(checked) = validate::run_input(item, &at, default_spec.as_ref(), issues) else {
             continue;
         };
         if !issues.is_empty() {
@@ -206,29 +205,29 @@ fn check_batch(v: Value, instant: Option<&dyn Processor>, issues: &mut Issues) -
             None if default_spec.is_some() => SpecChoice::Default,
             None => SpecChoice::None,
         };
-        // `to_string` (Display) would write the same text through the formatter.
-        let metadata = checked
-            .input
-            .metadata
-            .take()
-            .and_then(|m| serde_json::to_string(&m).ok());
-        let outcome = instant.and_then(|p| {
-            let job = Job {
-                spec: match &spec {
-                    SpecChoice::Own(_) => checked.input.task_spec.take().map(Arc::new),
-                    SpecChoice::Default => shared_spec.clone(),
-                    SpecChoice::None => None,
-                },
-                processor: std::mem::take(&mut checked.input.processor),
-                input: checked.input.input.take(),
-            };
-            let outcome = p.process_now(&job).map(outcome_of);
-            checked.input.processor = job.processor;
-            outcome
-        });
+        let (processor, outcome) = match instant {
+            Some(p) => {
+                let job = Job {
+                    spec: match &spec {
+                        SpecChoice::Own(_) => checked.input.task_spec.map(Arc::new),
+                        SpecChoice::Default => shared_spec.clone(),
+                        SpecChoice::None => None,
+                    },
+                    processor: checked.input.processor,
+                    input: checked.input.input,
+                };
+                let outcome = p.process_now(&job).map(outcome_of);
+                (job.processor, outcome)
+            }
+            None => (checked.input.processor, None),
+        };
         runs.push(NewRun {
-            processor: checked.input.processor,
-            metadata,
+            processor,
+            // `to_string` (Display) would write the same text through the formatter.
+            metadata: checked
+                .input
+                .metadata
+                .and_then(|m| serde_json::to_string(&m).ok()),
             input: checked.text,
             spec,
             outcome,
@@ -273,7 +272,10 @@ pub async fn add_runs(
                 .ok_or(ApiError::NotFound("TaskGroup not found"))
         })
         .await?;
-    state.wake.notify_one();
+    // Runs that ended as they were added leave the scheduler nothing to claim.
+    if added.counts.queued > 0 {
+        state.wake.notify_one();
+    }
     state.changed();
     if state.roll(state.config.faults.drop_add_runs) {
         return Ok(dropped_connection());
