@@ -430,7 +430,7 @@ fn killed_after_the_group_is_recorded_before_any_run() {
 
 #[test]
 fn killed_after_claiming_rows_whose_post_was_never_sent() {
-    kill_and_resume("runs.claimed:2", 0);
+    kill_and_resume("runs.claimed:1", 0);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use arrow::datatypes::Schema;
 use arrow::error::ArrowError;
 use arrow::json::writer::{EncoderOptions, NullableEncoder, make_encoder};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::task::{InputMapping, TaskDefinition, TemplatePart, parse_template};
 use crate::api::TaskRunInput;
@@ -111,6 +112,20 @@ impl InputEncoder {
         batch: &RecordBatch,
         first_ordinal: u64,
     ) -> Result<Vec<TaskRunInput>, InputError> {
+        self.encode_keyed(batch, first_ordinal)?
+            .into_iter()
+            .map(|e| self.input(e))
+            .collect()
+    }
+
+    /// Each row of `batch` as the JSON of its input with its input key: a few bytes a row,
+    /// where a [`TaskRunInput`] holds a parsed tree. [`InputEncoder::input`] makes the run
+    /// input of one.
+    pub fn encode_keyed(
+        &self,
+        batch: &RecordBatch,
+        first_ordinal: u64,
+    ) -> Result<Vec<EncodedInput>, InputError> {
         let schema = batch.schema();
         let fields = schema.fields();
         let mut encoders: Vec<Option<NullableEncoder>> =
@@ -150,10 +165,13 @@ impl InputEncoder {
                         write_value(encoders[*c].as_mut(), row, &mut buf);
                     }
                     buf.push(b'}');
-                    serde_json::from_slice::<Value>(&buf).map_err(|e| InputError::Encode {
-                        row: ordinal,
-                        message: e.to_string(),
-                    })?
+                    // Checked here, so that making the run input later cannot fail.
+                    let json: Box<RawValue> =
+                        serde_json::from_slice(&buf).map_err(|e| InputError::Encode {
+                            row: ordinal,
+                            message: e.to_string(),
+                        })?;
+                    Encoded::Object(json)
                 }
                 Compiled::Template(parts) => {
                     let mut text = String::new();
@@ -172,17 +190,51 @@ impl InputEncoder {
                     }
                     buf.clear();
                     buf.extend_from_slice(text.as_bytes());
-                    Value::String(text)
+                    Encoded::Text(text)
                 }
             };
-            let mut run = TaskRunInput::new(input, self.processor.clone());
-            let mut metadata = serde_json::Map::new();
-            metadata.insert(ROW_KEY.to_string(), Value::String(input_key(&buf)));
-            run.metadata = Some(metadata);
-            out.push(run);
+            out.push(EncodedInput {
+                input,
+                key: input_key(&buf),
+                row: ordinal,
+            });
         }
         Ok(out)
     }
+
+    /// The run input of an encoded row, its input key in `metadata[ROW_KEY]`.
+    pub fn input(&self, encoded: EncodedInput) -> Result<TaskRunInput, InputError> {
+        let input = match encoded.input {
+            Encoded::Object(json) => {
+                serde_json::from_str(json.get()).map_err(|e| InputError::Encode {
+                    row: encoded.row,
+                    message: e.to_string(),
+                })?
+            }
+            Encoded::Text(text) => Value::String(text),
+        };
+        let mut run = TaskRunInput::new(input, self.processor.clone());
+        let mut metadata = serde_json::Map::new();
+        metadata.insert(ROW_KEY.to_string(), Value::String(encoded.key));
+        run.metadata = Some(metadata);
+        Ok(run)
+    }
+}
+
+/// A row encoded by [`InputEncoder::encode_keyed`].
+#[derive(Debug)]
+pub struct EncodedInput {
+    input: Encoded,
+    /// The input key (see [`input_key`]).
+    pub key: String,
+    /// The row's ordinal, for errors.
+    row: u64,
+}
+
+#[derive(Debug)]
+enum Encoded {
+    Object(Box<RawValue>),
+    Text(String),
 }
 
 fn write_value(encoder: Option<&mut NullableEncoder>, row: usize, buf: &mut Vec<u8>) {

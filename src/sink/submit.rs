@@ -19,11 +19,13 @@ use futures::stream::{BoxStream, StreamExt};
 use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
 use crate::api::{Metadata, TaskRunInput, TaskSpec};
-use crate::client::{Client, ClientError, LEDGER_ROW, RunsQuery, row_key_of};
+use crate::client::{Client, ClientError, LEDGER_ROW, RunsQuery};
 use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger};
 
-/// Rows encoded and claimed at a time.
+/// Rows encoded and handed to the client at a time.
 const SLICE_ROWS: usize = 1000;
+/// Rows claimed in one ledger transaction (at most one source batch).
+const CLAIM_ROWS: usize = 8192;
 /// Encoded slices waiting between the producer and the client.
 const CHANNEL_SLICES: usize = 2;
 
@@ -298,20 +300,18 @@ async fn produce(
         if batch.num_rows() == 0 {
             continue;
         }
-        // Encoded inputs are several times larger than their rows, so they are made,
-        // claimed and handed over a slice at a time; the spill gets the whole batch once
-        // all are sent.
         let first = writer.rows();
         let mut keys = Vec::with_capacity(batch.num_rows());
         let mut rows = Vec::with_capacity(batch.num_rows());
-        for offset in (0..batch.num_rows()).step_by(SLICE_ROWS) {
-            let len = SLICE_ROWS.min(batch.num_rows() - offset);
-            let inputs = encoder.encode(&batch.slice(offset, len), first + offset as u64)?;
-            let slice_keys: Vec<String> = inputs
-                .iter()
-                .map(|i| row_key_of(i).unwrap_or_default())
-                .collect();
-            let claims = match ledger.claim_rows(slice_keys.clone()).await {
+        for start in (0..batch.num_rows()).step_by(CLAIM_ROWS) {
+            let part = batch.slice(start, CLAIM_ROWS.min(batch.num_rows() - start));
+            // Claimed all at once: one transaction for the part's keys rewrites each page of
+            // the ledger's key index they land on once, where a transaction per slice of
+            // inputs would rewrite most of those pages once per slice. The rows wait as
+            // JSON; run inputs, several times larger, are made a slice at a time.
+            let encoded = encoder.encode_keyed(&part, first + start as u64)?;
+            let part_keys: Vec<String> = encoded.iter().map(|e| e.key.clone()).collect();
+            let claims = match ledger.claim_rows(part_keys.clone()).await {
                 Ok(c) => c,
                 Err(LedgerError::Pending {
                     key,
@@ -319,16 +319,16 @@ async fn produce(
                     running,
                     ..
                 }) => {
-                    let at = slice_keys.iter().position(|k| *k == key).unwrap_or(0);
+                    let at = part_keys.iter().position(|k| *k == key).unwrap_or(0);
                     return Err(SubmitError::Pending {
-                        row: first + (offset + at) as u64,
+                        row: first + (start + at) as u64,
                         pipeline,
                         running,
                     });
                 }
                 Err(e) => return Err(e.into()),
             };
-            keys.extend(slice_keys);
+            keys.extend(part_keys);
             rows.extend(claims.iter().map(|&(_, row)| Some(row)));
             {
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -338,19 +338,29 @@ async fn produce(
             }
             // Each run carries the ledger row of its claim, so that its result is stored
             // there without a walk down the ledger's key index.
-            let to_submit: Vec<TaskRunInput> = inputs
-                .into_iter()
-                .zip(&claims)
-                .filter(|(_, (c, _))| *c == Claim::Submit)
-                .map(|(mut i, &(_, row))| {
-                    i.metadata
-                        .get_or_insert_with(Default::default)
-                        .insert(LEDGER_ROW.to_string(), row.into());
-                    i
-                })
-                .collect();
-            if !to_submit.is_empty() && tx.send(to_submit).await.is_err() {
-                return Ok(writer);
+            let mut pairs = encoded.into_iter().zip(claims);
+            loop {
+                let mut to_submit = Vec::with_capacity(SLICE_ROWS);
+                let mut seen = 0;
+                for (e, (claim, row)) in pairs.by_ref() {
+                    seen += 1;
+                    if claim == Claim::Submit {
+                        let mut i = encoder.input(e)?;
+                        i.metadata
+                            .get_or_insert_with(Default::default)
+                            .insert(LEDGER_ROW.to_string(), row.into());
+                        to_submit.push(i);
+                    }
+                    if seen == SLICE_ROWS {
+                        break;
+                    }
+                }
+                if !to_submit.is_empty() && tx.send(to_submit).await.is_err() {
+                    return Ok(writer);
+                }
+                if seen < SLICE_ROWS {
+                    break;
+                }
             }
         }
         writer.write_with_rows(&batch, keys, rows)?;
