@@ -2,12 +2,14 @@
 //! dropped connection, `wait` driven by the events stream, and single-run events.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::error::ClientError;
 use super::http::{Client, segment};
@@ -59,14 +61,25 @@ pub struct RawRun {
     pub ledger_row: Option<i64>,
     /// The `task_run.state` event's data.
     pub data: String,
+    /// Where the output's `basis` is in `data`, when it has one.
+    pub basis: Option<Range<usize>>,
 }
 
-/// What [`RawRun`] reads of an event; the rest (the output) is only scanned.
+/// What [`RawRun`] reads of an event; the rest is only scanned.
 #[derive(Deserialize)]
-struct RawRunHead {
+struct RawRunHead<'a> {
     #[serde(default)]
     event_id: Option<String>,
     run: RawRunHeadRun,
+    #[serde(default, borrow)]
+    output: Option<RawOutputHead<'a>>,
+}
+
+/// Of the output, only where its basis is.
+#[derive(Deserialize)]
+struct RawOutputHead<'a> {
+    #[serde(default, borrow)]
+    basis: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +94,11 @@ impl RawRun {
     /// Files a `task_run.state` event's data.
     pub fn from_data(data: String) -> Result<RawRun, serde_json::Error> {
         let head: RawRunHead = serde_json::from_str(&data)?;
+        // Borrowed from `data`, the basis is found by how far into it it starts.
+        let basis = head.output.and_then(|o| o.basis).map(|b| {
+            let start = b.get().as_ptr() as usize - data.as_ptr() as usize;
+            start..start + b.get().len()
+        });
         let metadata = head.run.metadata.as_ref();
         let row_key = metadata
             .and_then(|m| m.get(super::ROW_KEY))
@@ -95,6 +113,7 @@ impl RawRun {
             row_key,
             ledger_row,
             data,
+            basis,
         })
     }
 }
@@ -649,7 +668,12 @@ mod tests {
                 row_key: Some("k7".into()),
                 ledger_row: Some(41),
                 data: data.into(),
+                basis: data.find("[{\"field").map(|at| at..data.len() - 2),
             }
+        );
+        assert_eq!(
+            &data[raw.basis.clone().unwrap()],
+            r#"[{"field":"n","reasoning":"r","citations":[],"confidence":"high"}]"#
         );
         // A ledger row that is not an integer is no hint at all.
         let odd = data.replace("\"gf_ledger_row\":41", "\"gf_ledger_row\":\"41\"");

@@ -141,6 +141,9 @@ pub struct StoredResult {
     pub completed: bool,
     /// The run's event (`run`, `output`) as JSON.
     pub json: String,
+    /// Where the output's `basis` is in `json`, when known: it is then stored apart, and
+    /// read only by those who ask for it (see [`TaskLedger::results_by_row`]).
+    pub basis: Option<std::ops::Range<usize>>,
 }
 
 /// What reconciling a group found.
@@ -233,12 +236,10 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// fingerprints as their 16 bytes (format 0 stored them as hex text); format 2 appends
 /// results to the result log instead of the `results` table (whose rows are still read);
 /// format 3 may keep them in another log file, named in `settings` (see
-/// [`Ledger::compact`]), which older versions would not look for. Older ledgers are
-/// converted when opened.
-const FORMAT: i64 = 3;
-/// The format an older ledger is brought to when opened: format 3 is written only by a
-/// compaction, so a ledger never compacted stays readable by versions before it.
-const OPEN_FORMAT: i64 = 2;
+/// [`Ledger::compact`]), which older versions would not look for; format 4 may store a
+/// result in two parts (see [`pack_result`]), which older versions would not read. Older
+/// ledgers are converted when opened.
+const FORMAT: i64 = 4;
 
 /// Converts a format-0 ledger: the keys that are fingerprints become their 16 bytes, so
 /// the claims and results recorded before stay found.
@@ -453,8 +454,8 @@ impl Ledger {
         if format < 2 {
             tx.execute_batch(TO_FORMAT_2).map_err(err)?;
         }
-        if format < OPEN_FORMAT {
-            tx.execute_batch(&format!("PRAGMA user_version = {OPEN_FORMAT}"))
+        if format < FORMAT {
+            tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))
                 .map_err(err)?;
         }
         let open: Option<i64> = tx
@@ -1123,7 +1124,7 @@ impl TaskLedger {
                             // A failed result gives way (see `Ledger::compact`).
                             note_unused(&tx)?;
                         }
-                        let packed = pack_result(&r.json);
+                        let packed = pack_result(&r.json, r.basis.clone());
                         match kept.get(&row) {
                             // The same rule within the batch: a completed result stays.
                             Some(&i) if keep[i].0.completed => {}
@@ -1201,16 +1202,20 @@ impl TaskLedger {
 
     /// The stored result of each key (`None` where there is none).
     pub async fn results(&self, keys: Vec<String>) -> Result<Vec<Option<String>>, LedgerError> {
-        self.results_by_row(keys.into_iter().map(|k| (k, None)).collect())
+        self.results_by_row(keys.into_iter().map(|k| (k, None)).collect(), true)
             .await
     }
 
     /// [`TaskLedger::results`], each key with the ledger row its claim found (see
     /// [`TaskLedger::claim_rows`]) when known: read by that row while it is the key's, else
     /// by key (see [`RunFinder`]).
+    ///
+    /// Without `basis`, a result whose basis was stored apart (see [`StoredResult::basis`])
+    /// reads with `[]` for it, which spares decompressing and parsing most of its bytes.
     pub async fn results_by_row(
         &self,
         keys: Vec<(String, Option<i64>)>,
+        basis: bool,
     ) -> Result<Vec<Option<String>>, LedgerError> {
         let task = self.task_id;
         let me = self.ledger.clone();
@@ -1252,7 +1257,7 @@ impl TaskLedger {
                     .collect();
                 let packed = me.log().read_many(&wanted)?;
                 for ((i, _, at, _), p) in logged.iter().zip(packed) {
-                    out[*i] = Some(unpack_logged(&p, *at)?);
+                    out[*i] = Some(unpack_logged(&p, *at, basis)?);
                 }
                 Ok(out)
             })
@@ -1351,7 +1356,6 @@ fn compact_in(c: &mut Connection, me: &Ledger) -> Result<Option<(log::ResultLog,
         params![next.file_name().map(|n| n.to_string_lossy())],
     )?;
     tx.execute("DELETE FROM settings WHERE name = 'unused_results'", [])?;
-    tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))?;
     tx.commit()?;
     Ok(Some((new_log, before, after)))
 }
@@ -1480,8 +1484,14 @@ fn owner(task: i64, key: &str) -> Vec<u8> {
 }
 
 /// A result read from the log as JSON; an error names where its record starts.
-fn unpack_logged(packed: &[u8], at: i64) -> std::io::Result<String> {
-    unpack(packed).map_err(|e| {
+/// Without `basis`, the result's basis may read as `[]` (see [`unpack_without_basis`]).
+fn unpack_logged(packed: &[u8], at: i64, basis: bool) -> std::io::Result<String> {
+    let unpacked = if basis {
+        unpack(packed)
+    } else {
+        unpack_without_basis(packed)
+    };
+    unpacked.map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
@@ -1494,14 +1504,91 @@ fn unpack_logged(packed: &[u8], at: i64) -> std::io::Result<String> {
 /// A run's event (≈ 2.5 KB of JSON, most of it the research basis) as an LZ4 block after
 /// its length: about 2.5× smaller, which is what the result log has to write and read.
 /// zstd shrinks it more but costs 5× the CPU on events this small.
-fn pack_result(json: &str) -> Vec<u8> {
-    lz4_flex::block::compress_prepend_size(json.as_bytes())
+///
+/// An event whose basis is large and whose place is known (`basis`, a range of `json`) is
+/// packed in two parts, so that readers without a use for the basis neither decompress nor
+/// parse it: a word with [`SPLIT`] set and the basis's place, the length of the first
+/// block, then the event with `[]` for its basis and the basis, each an LZ4 block after its
+/// length.
+fn pack_result(json: &str, basis: Option<std::ops::Range<usize>>) -> Vec<u8> {
+    let split = basis.filter(|b| {
+        b.len() >= SPLIT_BASIS_BYTES && b.end <= json.len() && (b.start as u64) < SPLIT as u64
+    });
+    let Some(b) = split else {
+        return lz4_flex::block::compress_prepend_size(json.as_bytes());
+    };
+    let mut head = Vec::with_capacity(json.len() - b.len() + 2);
+    head.extend_from_slice(&json.as_bytes()[..b.start]);
+    head.extend_from_slice(b"[]");
+    head.extend_from_slice(&json.as_bytes()[b.end..]);
+    let head = lz4_flex::block::compress_prepend_size(&head);
+    let basis = lz4_flex::block::compress_prepend_size(&json.as_bytes()[b.clone()]);
+    let mut out = Vec::with_capacity(8 + head.len() + basis.len());
+    out.extend_from_slice(&(SPLIT | b.start as u32).to_le_bytes());
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&basis);
+    out
 }
 
+/// Marks a result packed in two parts (see [`pack_result`]). A one-part result starts with
+/// its length, which is always below it.
+const SPLIT: u32 = 1 << 31;
+/// A basis shorter than this is packed with the rest of its event.
+const SPLIT_BASIS_BYTES: usize = 256;
+
+type UnpackError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The JSON a [`pack_result`] block holds.
-fn unpack(packed: &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let raw = lz4_flex::block::decompress_size_prepended(packed)?;
-    Ok(String::from_utf8(raw)?)
+fn unpack(packed: &[u8]) -> Result<String, UnpackError> {
+    let Some((basis_at, head, basis)) = split_parts(packed)? else {
+        let raw = lz4_flex::block::decompress_size_prepended(packed)?;
+        return Ok(String::from_utf8(raw)?);
+    };
+    let head = lz4_flex::block::decompress_size_prepended(head)?;
+    let basis = lz4_flex::block::decompress_size_prepended(basis)?;
+    if head.get(basis_at..basis_at + 2) != Some(b"[]".as_slice()) {
+        return Err("its basis has no place in it".into());
+    }
+    let mut json = Vec::with_capacity(head.len() - 2 + basis.len());
+    json.extend_from_slice(&head[..basis_at]);
+    json.extend_from_slice(&basis);
+    json.extend_from_slice(&head[basis_at + 2..]);
+    Ok(String::from_utf8(json)?)
+}
+
+/// The JSON a [`pack_result`] block holds, with `[]` for its basis where it was packed
+/// apart.
+fn unpack_without_basis(packed: &[u8]) -> Result<String, UnpackError> {
+    let head = match split_parts(packed)? {
+        Some((_, head, _)) => head,
+        None => packed,
+    };
+    Ok(String::from_utf8(
+        lz4_flex::block::decompress_size_prepended(head)?,
+    )?)
+}
+
+/// A result packed in two parts: where its basis goes in the first, and the two blocks.
+type SplitParts<'a> = (usize, &'a [u8], &'a [u8]);
+
+/// The parts of a two-part result; `None` for a one-part result.
+fn split_parts(packed: &[u8]) -> Result<Option<SplitParts<'_>>, UnpackError> {
+    let word = |at: usize| -> Result<u32, UnpackError> {
+        let bytes = packed.get(at..at + 4).ok_or("it is cut short")?;
+        Ok(u32::from_le_bytes(bytes.try_into()?))
+    };
+    let first = word(0)?;
+    if first & SPLIT == 0 {
+        return Ok(None);
+    }
+    let head_len = word(4)? as usize;
+    let head = packed.get(8..8 + head_len).ok_or("it is cut short")?;
+    Ok(Some((
+        (first & !SPLIT) as usize,
+        head,
+        &packed[8 + head_len..],
+    )))
 }
 
 /// A stored result as JSON: compressed (a BLOB) or, from older ledgers, plain text.
@@ -1598,7 +1685,7 @@ mod tests {
             json.len()
         );
         let record = &log[at as usize + 4..(at + len) as usize];
-        assert_eq!(unpack_logged(record, at).unwrap(), json);
+        assert_eq!(unpack_logged(record, at, true).unwrap(), json);
         let none: i64 = c
             .query_row("SELECT count(*) FROM results", [], |r| r.get(0))
             .unwrap();
@@ -1613,7 +1700,7 @@ mod tests {
         .unwrap();
         c.execute(
             "INSERT INTO results (result_id, json) VALUES (8, ?1)",
-            params![pack_result("{\"k\":\"lz4\"}")],
+            params![pack_result("{\"k\":\"lz4\"}", None)],
         )
         .unwrap();
         c.execute_batch(
@@ -1643,6 +1730,67 @@ mod tests {
         let e = t.results(keys(&["a"])).await.unwrap_err().to_string();
         assert!(e.contains("ledger.results") && e.contains("byte 0"), "{e}");
         assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_large_basis_is_stored_apart_and_read_only_when_asked_for() {
+        let l = Ledger::temporary().unwrap();
+        let t = l.task("t", "fp").await.unwrap();
+        let ks = keys(&["a", "b", "c"]);
+        let rows = t.claim_rows(ks.clone()).await.unwrap();
+        let entry =
+            r#"{"field":"n","reasoning":"because it says so","citations":[],"confidence":"high"}"#;
+        let basis = format!("[{}]", [entry; 8].join(","));
+        let json = format!(
+            r#"{{"run":{{"run_id":"trun_a"}},"output":{{"type":"json","content":{{"n":1}},"basis":{basis},"beta_fields":null}}}}"#
+        );
+        let at = json.find(&basis).unwrap();
+        let place = at..at + basis.len();
+        // Stored apart: the first word says so.
+        let split = pack_result(&json, Some(place.clone()));
+        assert_ne!(split[3] & 0x80, 0);
+        assert_eq!(pack_result(&json, None)[3] & 0x80, 0);
+        let small = format!(r#"{{"output":{{"basis":{entry}}}}}"#);
+        let stored = vec![
+            StoredResult {
+                json: json.clone(),
+                basis: Some(place),
+                ..done(&ks[0], true)
+            },
+            // Too small to store apart, and a place not known: each stored whole.
+            StoredResult {
+                basis: Some(19..19 + entry.len()),
+                json: small.clone(),
+                ..done(&ks[1], true)
+            },
+            StoredResult {
+                json: json.clone(),
+                ..done(&ks[2], true)
+            },
+        ];
+        t.store_results(stored).await.unwrap();
+        let wanted: Vec<(String, Option<i64>)> = ks
+            .iter()
+            .cloned()
+            .zip(rows.iter().map(|r| Some(r.1)))
+            .collect();
+        let whole = t.results_by_row(wanted.clone(), true).await.unwrap();
+        assert_eq!(
+            whole,
+            vec![Some(json.clone()), Some(small.clone()), Some(json.clone())]
+        );
+        let lean = t.results_by_row(wanted, false).await.unwrap();
+        assert_eq!(
+            lean,
+            vec![Some(json.replace(&basis, "[]")), Some(small), Some(json)]
+        );
+        // A two-part record cut short, or whose event has no `[]` where the basis goes, is an
+        // error, never a wrong result.
+        assert!(unpack(&split[..6]).is_err());
+        assert!(unpack(&split[..split.len() - 3]).is_err());
+        let mut moved = split.clone();
+        moved[0] = moved[0].wrapping_add(1);
+        assert!(unpack(&moved).is_err());
     }
 
     #[tokio::test]
@@ -1729,14 +1877,6 @@ mod tests {
         let mut sizes = Vec::new();
         for (round, options) in [(1, LedgerOptions::default()), (2, no_cache), (3, no_cache)] {
             let (l, t) = store_round(&path, &ks, options, |k| json(k, round)).await;
-            if round == 1 {
-                // Never compacted: still readable by the versions before compaction.
-                let c = Connection::open(&path).unwrap();
-                let format: i64 = c
-                    .query_row("PRAGMA user_version", [], |r| r.get(0))
-                    .unwrap();
-                assert_eq!(format, OPEN_FORMAT);
-            }
             if round == 3 {
                 // Another pipeline has the ledger open: its log file must stay the one in use.
                 let other = Ledger::open(&path, "q", LedgerOptions::default()).unwrap();
@@ -1852,6 +1992,7 @@ mod tests {
             row: None,
             completed,
             json: format!("{{\"k\":\"{key}\"}}"),
+            basis: None,
         }
     }
 
@@ -1877,15 +2018,18 @@ mod tests {
             .unwrap();
         let want = |k: &str| Some(format!("{{\"k\":\"{k}\"}}"));
         let read = t
-            .results_by_row(vec![
-                (ks[0].clone(), Some(rows[0])),
-                // Another key's row, a row that does not exist, no row: found by key.
-                (ks[1].clone(), Some(rows[0])),
-                (ks[1].clone(), Some(rows[2] + 100)),
-                (ks[0].clone(), None),
-                // Its own row, no result yet.
-                (ks[2].clone(), Some(rows[2])),
-            ])
+            .results_by_row(
+                vec![
+                    (ks[0].clone(), Some(rows[0])),
+                    // Another key's row, a row that does not exist, no row: found by key.
+                    (ks[1].clone(), Some(rows[0])),
+                    (ks[1].clone(), Some(rows[2] + 100)),
+                    (ks[0].clone(), None),
+                    // Its own row, no result yet.
+                    (ks[2].clone(), Some(rows[2])),
+                ],
+                true,
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -2139,7 +2283,7 @@ mod tests {
         for (i, k) in ks.iter().enumerate() {
             let json = format!("{{\"k\":\"{k}\"}}");
             let stored: rusqlite::types::Value = if i % 2 == 0 {
-                pack_result(&json).into()
+                pack_result(&json, None).into()
             } else {
                 json.into()
             };
@@ -2200,7 +2344,7 @@ mod tests {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .unwrap();
-            assert_eq!((version, index), (OPEN_FORMAT, 0), "format {format}");
+            assert_eq!((version, index), (FORMAT, 0), "format {format}");
             // A ledger from a newer groupflow is refused, not misread.
             c.execute_batch(&format!("PRAGMA user_version = {}", FORMAT + 1))
                 .unwrap();

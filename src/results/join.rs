@@ -142,6 +142,7 @@ pub async fn store_results(
             row: run.ledger_row,
             completed: run.status == RunStatus::Completed,
             json: run.data,
+            basis: run.basis,
         });
         if slice.len() == STORE_ROWS {
             read.stored += slice.len() as u64;
@@ -181,14 +182,15 @@ pub fn join_results(
     mut decoder: ResultDecoder,
     schema: SchemaRef,
 ) -> impl Stream<Item = Result<RecordBatch, JoinError>> + Send + 'static {
-    let read_run = if decoder.decodes_basis() {
+    let with_basis = decoder.decodes_basis();
+    let read_run = if with_basis {
         crate::client::decode_run_state
     } else {
         crate::client::decode_run_state_without_basis
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, JoinError>>(FETCH_AHEAD);
     let fetch = async move {
-        let fetched = fetch_stored(&spill, &ledger, reading, &tx).await;
+        let fetched = fetch_stored(&spill, &ledger, with_basis, reading, &tx).await;
         if let Err(e) = fetched {
             let _ = tx.send(Err(e)).await;
         }
@@ -235,11 +237,13 @@ pub async fn reading_ended(
     Ok(())
 }
 
-/// Sends the spill's rows a slice at a time, each with its keys and stored results, until
-/// the spill ends or the receiver is gone; then waits for `reading` to end.
+/// Sends the spill's rows a slice at a time, each with its keys and stored results (their
+/// basis only when `basis` is set), until the spill ends or the receiver is gone; then
+/// waits for `reading` to end.
 async fn fetch_stored(
     spill: &Spill,
     ledger: &TaskLedger,
+    basis: bool,
     mut reading: tokio::sync::watch::Receiver<Reading>,
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, JoinError>>,
 ) -> Result<(), JoinError> {
@@ -271,7 +275,7 @@ async fn fetch_stored(
                 checkpointed = true;
             }
             let mut stored = ledger
-                .results_by_row((0..keys.len()).map(lookup).collect())
+                .results_by_row((0..keys.len()).map(lookup).collect(), basis)
                 .await?;
             // Until every result is stored, the missing ones are looked up again after each
             // change: a store or the end of reading after `mark_unchanged` wakes this.
@@ -285,7 +289,7 @@ async fn fetch_stored(
                 let missing: Vec<usize> =
                     (0..keys.len()).filter(|&i| stored[i].is_none()).collect();
                 let found = ledger
-                    .results_by_row(missing.iter().map(|&i| lookup(i)).collect())
+                    .results_by_row(missing.iter().map(|&i| lookup(i)).collect(), basis)
                     .await?;
                 for (i, r) in missing.into_iter().zip(found) {
                     stored[i] = r;
