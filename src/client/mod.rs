@@ -30,6 +30,8 @@ pub use config::{API_KEY_ENV, ApiKey, BASE_URL_ENV, ClientConfig, RetryConfig, S
 pub use error::{ApiError, ClientError};
 pub use http::{Client, ClientStats};
 pub use row_key::{LEDGER_ROW, ROW_KEY, derive_row_key, row_key_of, row_key_value};
-pub use streams::{RawRun, RunsQuery, decode_run_state, decode_run_state_without_basis};
+pub use streams::{
+    RawRun, RunsQuery, decode_run_row, decode_run_state, decode_run_state_without_basis,
+};
 pub(crate) use submit::AbortOnDrop;
 pub use submit::AddedBatch;

@@ -87,7 +87,18 @@ struct RawRunHeadRun {
     run_id: String,
     status: RunStatus,
     #[serde(default)]
-    metadata: Option<serde_json::Map<String, Value>>,
+    metadata: Option<RawRunMetadata>,
+}
+
+/// Of a run's metadata, the two keys a result is filed by; the others are scanned past.
+/// (Serde takes field names as literals: these are [`super::ROW_KEY`] and
+/// [`super::LEDGER_ROW`].)
+#[derive(Deserialize)]
+struct RawRunMetadata {
+    #[serde(default)]
+    gf_row: Option<Value>,
+    #[serde(default)]
+    gf_ledger_row: Option<Value>,
 }
 
 impl RawRun {
@@ -101,10 +112,10 @@ impl RawRun {
         });
         let metadata = head.run.metadata.as_ref();
         let row_key = metadata
-            .and_then(|m| m.get(super::ROW_KEY))
+            .and_then(|m| m.gf_row.as_ref())
             .and_then(super::row_key_value);
         let ledger_row = metadata
-            .and_then(|m| m.get(super::LEDGER_ROW))
+            .and_then(|m| m.gf_ledger_row.as_ref())
             .and_then(Value::as_i64);
         Ok(RawRun {
             event_id: head.event_id,
@@ -210,6 +221,71 @@ pub fn decode_run_state(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
 /// [`decode_run_state`] with the output's basis left empty: for readers that do not use it.
 pub fn decode_run_state_without_basis(data: &str) -> Result<TaskRunEvent, serde_json::Error> {
     decode_run_state_as::<SkippedBasis>(data)
+}
+
+/// What a result row is made of in a run's event: the run's id, status and error, and its
+/// output, with the basis only when `basis` is set. The rest of the run (its metadata,
+/// timestamps, processor) is scanned past and left empty, and so are `event_id` and
+/// `input`. Anything the fast reader does not take is read again as by
+/// [`decode_run_state`], for its exact error.
+pub fn decode_run_row(data: &str, basis: bool) -> Result<TaskRunEvent, serde_json::Error> {
+    fn lean<B>(data: &str) -> Option<TaskRunEvent>
+    where
+        B: for<'de> Deserialize<'de> + Default + Into<Vec<FieldBasis>>,
+    {
+        let w = serde_json::from_str::<RowEventWire<B>>(data).ok()?;
+        let output = match w.output {
+            None => None,
+            Some(o) => Some(o.into_output()?),
+        };
+        let r = w.run;
+        Some(TaskRunEvent {
+            event_id: None,
+            run: TaskRun {
+                run_id: r.run_id,
+                interaction_id: String::new(),
+                status: r.status,
+                is_active: r.is_active,
+                processor: String::new(),
+                metadata: None,
+                taskgroup_id: None,
+                warnings: None,
+                error: r.error,
+                created_at: None,
+                modified_at: None,
+            },
+            input: None,
+            output,
+        })
+    }
+    let found = if basis {
+        lean::<Vec<FieldBasis>>(data)
+    } else {
+        lean::<SkippedBasis>(data)
+    };
+    match found {
+        Some(ev) => Ok(ev),
+        None if basis => decode_run_state(data),
+        None => decode_run_state_without_basis(data),
+    }
+}
+
+/// A run's event as [`decode_run_row`] reads it.
+#[derive(Deserialize)]
+struct RowEventWire<B> {
+    run: RowRun,
+    #[serde(default)]
+    output: Option<OutputWire<B>>,
+}
+
+/// Of a run, what a result row shows.
+#[derive(Deserialize)]
+struct RowRun {
+    run_id: String,
+    status: RunStatus,
+    is_active: bool,
+    #[serde(default)]
+    error: Option<ErrorObject>,
 }
 
 fn decode_run_state_as<B>(data: &str) -> Result<TaskRunEvent, serde_json::Error>
@@ -704,7 +780,41 @@ mod tests {
             }
             ev
         };
-        assert_eq!(strip(full), lean);
+        assert_eq!(strip(full.clone()), lean);
+
+        // A result row's reading keeps the run's id, status, error and output, and leaves
+        // the rest empty.
+        let row_only = |mut ev: TaskRunEvent| {
+            ev.event_id = None;
+            ev.input = None;
+            ev.run = TaskRun {
+                interaction_id: String::new(),
+                processor: String::new(),
+                metadata: None,
+                taskgroup_id: None,
+                warnings: None,
+                created_at: None,
+                modified_at: None,
+                ..ev.run
+            };
+            ev
+        };
+        assert_eq!(decode_run_row(data, true).unwrap(), row_only(full.clone()));
+        assert_eq!(decode_run_row(data, false).unwrap(), row_only(lean));
+        let failed = data.replace(
+            r#""is_active":false"#,
+            r#""is_active":false,"error":{"ref_id":"r","message":"no luck"}"#,
+        );
+        let failed = failed.replace(r#""status":"completed""#, r#""status":"failed""#);
+        let read = decode_run_row(&failed, false).unwrap();
+        assert_eq!(read.run.status, RunStatus::Failed);
+        assert_eq!(read.run.error.unwrap().message, "no luck");
+        // What it cannot read fails as the full reader does.
+        let broken = r#"{"run":{"run_id":"trun_1"}}"#;
+        assert_eq!(
+            decode_run_row(broken, false).unwrap_err().to_string(),
+            decode_run_state(broken).unwrap_err().to_string()
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub use pause::{PAUSE_ENV, pause_point};
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -143,7 +144,7 @@ pub struct StoredResult {
     pub json: String,
     /// Where the output's `basis` is in `json`, when known: it is then stored apart, and
     /// read only by those who ask for it (see [`TaskLedger::results_by_row`]).
-    pub basis: Option<std::ops::Range<usize>>,
+    pub basis: Option<Range<usize>>,
 }
 
 /// What reconciling a group found.
@@ -237,7 +238,7 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// results to the result log instead of the `results` table (whose rows are still read);
 /// format 3 may keep them in another log file, named in `settings` (see
 /// [`Ledger::compact`]), which older versions would not look for; format 4 may store a
-/// result in two parts (see [`pack_result`]), which older versions would not read. Older
+/// result in two parts (see [`Packer`]), which older versions would not read. Older
 /// ledgers are converted when opened.
 const FORMAT: i64 = 4;
 
@@ -1096,8 +1097,13 @@ impl TaskLedger {
                     // by rowid.
                     let mut find =
                         RunFinder::new(&tx, task, "rowid, attempt, status, result_id, result_at")?;
-                    let mut keep: Vec<(&StoredResult, i64, Option<i64>, Vec<u8>)> =
+                    // The results kept, each with its packed bytes' place in `blocks`.
+                    let mut keep: Vec<(&StoredResult, i64, Option<i64>, Range<usize>)> =
                         Vec::with_capacity(results.len());
+                    let mut packer = Packer::default();
+                    // Sized for LZ4's usual ≈ 2.5× on events: it seldom has to grow.
+                    let json_bytes: usize = results.iter().map(|r| r.json.len()).sum();
+                    let mut blocks = Vec::with_capacity(json_bytes / 2);
                     // Rows already kept in this batch (an input can have two runs).
                     let mut kept: HashMap<i64, usize> = HashMap::new();
                     type Row = (i64, i64, String, Option<i64>, Option<i64>);
@@ -1124,7 +1130,9 @@ impl TaskLedger {
                             // A failed result gives way (see `Ledger::compact`).
                             note_unused(&tx)?;
                         }
-                        let packed = pack_result(&r.json, r.basis.clone());
+                        let start = blocks.len();
+                        packer.pack(&r.json, r.basis.clone(), &mut blocks);
+                        let packed = start..blocks.len();
                         match kept.get(&row) {
                             // The same rule within the batch: a completed result stays.
                             Some(&i) if keep[i].0.completed => {}
@@ -1140,7 +1148,7 @@ impl TaskLedger {
                     let records: Vec<(&[u8], &[u8])> = owners
                         .iter()
                         .zip(&keep)
-                        .map(|(o, k)| (o.as_slice(), k.3.as_slice()))
+                        .map(|(o, k)| (o.as_slice(), &blocks[k.3.clone()]))
                         .collect();
                     let at = me.log().append(&records)?;
                     pause_point("results.logged");
@@ -1501,6 +1509,14 @@ fn unpack_logged(packed: &[u8], at: i64, basis: bool) -> std::io::Result<String>
     })
 }
 
+/// One result packed by a [`Packer`] of its own.
+#[cfg(test)]
+fn pack_result(json: &str, basis: Option<Range<usize>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    Packer::default().pack(json, basis, &mut out);
+    out
+}
+
 /// A run's event (≈ 2.5 KB of JSON, most of it the research basis) as an LZ4 block after
 /// its length: about 2.5× smaller, which is what the result log has to write and read.
 /// zstd shrinks it more but costs 5× the CPU on events this small.
@@ -1510,28 +1526,57 @@ fn unpack_logged(packed: &[u8], at: i64, basis: bool) -> std::io::Result<String>
 /// parse it: a word with [`SPLIT`] set and the basis's place, the length of the first
 /// block, then the event with `[]` for its basis and the basis, each an LZ4 block after its
 /// length.
-fn pack_result(json: &str, basis: Option<std::ops::Range<usize>>) -> Vec<u8> {
-    let split = basis.filter(|b| {
-        b.len() >= SPLIT_BASIS_BYTES && b.end <= json.len() && (b.start as u64) < SPLIT as u64
-    });
-    let Some(b) = split else {
-        return lz4_flex::block::compress_prepend_size(json.as_bytes());
-    };
-    let mut head = Vec::with_capacity(json.len() - b.len() + 2);
-    head.extend_from_slice(&json.as_bytes()[..b.start]);
-    head.extend_from_slice(b"[]");
-    head.extend_from_slice(&json.as_bytes()[b.end..]);
-    let head = lz4_flex::block::compress_prepend_size(&head);
-    let basis = lz4_flex::block::compress_prepend_size(&json.as_bytes()[b.clone()]);
-    let mut out = Vec::with_capacity(8 + head.len() + basis.len());
-    out.extend_from_slice(&(SPLIT | b.start as u32).to_le_bytes());
-    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&basis);
-    out
+///
+/// Results are packed one after another into a buffer, reusing LZ4's hash table and the
+/// buffer for the part before the basis.
+#[derive(Default)]
+struct Packer {
+    table: lz4_flex::block::CompressTable,
+    head: Vec<u8>,
 }
 
-/// Marks a result packed in two parts (see [`pack_result`]). A one-part result starts with
+impl Packer {
+    /// Appends `json` packed to `out`.
+    fn pack(&mut self, json: &str, basis: Option<Range<usize>>, out: &mut Vec<u8>) {
+        let split = basis.filter(|b| {
+            b.len() >= SPLIT_BASIS_BYTES && b.end <= json.len() && (b.start as u64) < SPLIT as u64
+        });
+        let json = json.as_bytes();
+        let Some(b) = split else {
+            return self.block(json, out);
+        };
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
+        head.extend_from_slice(&json[..b.start]);
+        head.extend_from_slice(b"[]");
+        head.extend_from_slice(&json[b.end..]);
+        out.extend_from_slice(&(SPLIT | b.start as u32).to_le_bytes());
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        self.block(&head, out);
+        let head_len = (out.len() - len_at - 4) as u32;
+        out[len_at..len_at + 4].copy_from_slice(&head_len.to_le_bytes());
+        self.head = head;
+        self.block(&json[b], out);
+    }
+
+    /// Appends `input` as an LZ4 block after its length, as `compress_prepend_size` writes
+    /// it.
+    fn block(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&(input.len() as u32).to_le_bytes());
+        let at = out.len();
+        out.resize(
+            at + lz4_flex::block::get_maximum_output_size(input.len()),
+            0,
+        );
+        let written =
+            lz4_flex::block::compress_into_with_table(input, &mut out[at..], &mut self.table)
+                .expect("an output of the maximum size holds any block");
+        out.truncate(at + written);
+    }
+}
+
+/// Marks a result packed in two parts (see [`Packer`]). A one-part result starts with
 /// its length, which is always below it.
 const SPLIT: u32 = 1 << 31;
 /// A basis shorter than this is packed with the rest of its event.
@@ -1539,7 +1584,7 @@ const SPLIT_BASIS_BYTES: usize = 256;
 
 type UnpackError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The JSON a [`pack_result`] block holds.
+/// The JSON a [`Packer`] record holds.
 fn unpack(packed: &[u8]) -> Result<String, UnpackError> {
     let Some((basis_at, head, basis)) = split_parts(packed)? else {
         let raw = lz4_flex::block::decompress_size_prepended(packed)?;
@@ -1557,7 +1602,7 @@ fn unpack(packed: &[u8]) -> Result<String, UnpackError> {
     Ok(String::from_utf8(json)?)
 }
 
-/// The JSON a [`pack_result`] block holds, with `[]` for its basis where it was packed
+/// The JSON a [`Packer`] record holds, with `[]` for its basis where it was packed
 /// apart.
 fn unpack_without_basis(packed: &[u8]) -> Result<String, UnpackError> {
     let head = match split_parts(packed)? {

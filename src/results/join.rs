@@ -19,7 +19,7 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 
 use super::decode::ResultDecoder;
 use crate::api::{RunStatus, TaskRunEvent};
-use crate::client::{AbortOnDrop, ClientError, ROW_KEY, RawRun, row_key_value};
+use crate::client::{AbortOnDrop, ClientError, ROW_KEY, RawRun, decode_run_row, row_key_value};
 use crate::ledger::{LedgerError, StoredResult, TaskLedger};
 use crate::sink::spill::{Spill, SpillError};
 
@@ -183,11 +183,6 @@ pub fn join_results(
     schema: SchemaRef,
 ) -> impl Stream<Item = Result<RecordBatch, JoinError>> + Send + 'static {
     let with_basis = decoder.decodes_basis();
-    let read_run = if with_basis {
-        crate::client::decode_run_state
-    } else {
-        crate::client::decode_run_state_without_basis
-    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, JoinError>>(FETCH_AHEAD);
     let fetch = async move {
         let fetched = fetch_stored(&spill, &ledger, with_basis, reading, &tx).await;
@@ -203,7 +198,7 @@ pub fn join_results(
             let mut events = Vec::with_capacity(stored.len());
             for (key, json) in keys.iter().zip(stored) {
                 events.push(match json {
-                    Some(j) => Some(read_run(&j).map_err(|e| {
+                    Some(j) => Some(decode_run_row(&j, with_basis).map_err(|e| {
                         JoinError::Stored { key: key.clone(), message: e.to_string() }
                     })?),
                     None => None,
