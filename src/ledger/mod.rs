@@ -238,7 +238,7 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// results to the result log instead of the `results` table (whose rows are still read);
 /// format 3 may keep them in another log file, named in `settings` (see
 /// [`Ledger::compact`]), which older versions would not look for; format 4 may store a
-/// result in two parts (see [`Packer`]), which older versions would not read. Older
+/// result with its basis moved apart (see [`Packer`]), which older versions would not read. Older
 /// ledgers are converted when opened.
 const FORMAT: i64 = 4;
 
@@ -1522,17 +1522,18 @@ fn pack_result(json: &str, basis: Option<Range<usize>>) -> Vec<u8> {
 /// zstd shrinks it more but costs 5× the CPU on events this small.
 ///
 /// An event whose basis is large and whose place is known (`basis`, a range of `json`) is
-/// packed in two parts, so that readers without a use for the basis neither decompress nor
-/// parse it: a word with [`SPLIT`] set and the basis's place, the length of the first
-/// block, then the event with `[]` for its basis and the basis, each an LZ4 block after its
+/// packed with the basis moved to the end, so that readers without a use for it do not
+/// parse it: a word with [`SPLIT`] set and the basis's place, the length of the event with
+/// `[]` for its basis, then that event followed by the basis as one LZ4 block after its
 /// length.
 ///
 /// Results are packed one after another into a buffer, reusing LZ4's hash table and the
-/// buffer for the part before the basis.
+/// buffers for the part before the basis and for compressing.
 #[derive(Default)]
 struct Packer {
     table: lz4_flex::block::CompressTable,
     head: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 impl Packer {
@@ -1545,38 +1546,42 @@ impl Packer {
         let Some(b) = split else {
             return self.block(json, out);
         };
-        let mut head = std::mem::take(&mut self.head);
-        head.clear();
-        head.extend_from_slice(&json[..b.start]);
-        head.extend_from_slice(b"[]");
-        head.extend_from_slice(&json[b.end..]);
+        // One block (one hash table to clear, which costs LZ4 as much as a short input):
+        // the event with `[]` for its basis, then the basis.
+        let mut joined = std::mem::take(&mut self.head);
+        joined.clear();
+        joined.extend_from_slice(&json[..b.start]);
+        joined.extend_from_slice(b"[]");
+        joined.extend_from_slice(&json[b.end..]);
+        let head_len = joined.len() as u32;
+        joined.extend_from_slice(&json[b.clone()]);
         out.extend_from_slice(&(SPLIT | b.start as u32).to_le_bytes());
-        let len_at = out.len();
-        out.extend_from_slice(&[0; 4]);
-        self.block(&head, out);
-        let head_len = (out.len() - len_at - 4) as u32;
-        out[len_at..len_at + 4].copy_from_slice(&head_len.to_le_bytes());
-        self.head = head;
-        self.block(&json[b], out);
+        out.extend_from_slice(&head_len.to_le_bytes());
+        self.block(&joined, out);
+        self.head = joined;
     }
 
     /// Appends `input` as an LZ4 block after its length, as `compress_prepend_size` writes
     /// it.
     fn block(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        // Compressed into a buffer kept from one block to the next, then copied: zeroing
+        // the largest size a block can take, for each block, cost more than compressing it.
+        let max = lz4_flex::block::get_maximum_output_size(input.len());
+        if self.scratch.len() < max {
+            self.scratch.resize(max, 0);
+        }
+        let written = lz4_flex::block::compress_into_with_table(
+            input,
+            &mut self.scratch[..max],
+            &mut self.table,
+        )
+        .expect("an output of the maximum size holds any block");
         out.extend_from_slice(&(input.len() as u32).to_le_bytes());
-        let at = out.len();
-        out.resize(
-            at + lz4_flex::block::get_maximum_output_size(input.len()),
-            0,
-        );
-        let written =
-            lz4_flex::block::compress_into_with_table(input, &mut out[at..], &mut self.table)
-                .expect("an output of the maximum size holds any block");
-        out.truncate(at + written);
+        out.extend_from_slice(&self.scratch[..written]);
     }
 }
 
-/// Marks a result packed in two parts (see [`Packer`]). A one-part result starts with
+/// Marks a result packed with its basis apart (see [`Packer`]). One packed whole starts with
 /// its length, which is always below it.
 const SPLIT: u32 = 1 << 31;
 /// A basis shorter than this is packed with the rest of its event.
@@ -1586,18 +1591,18 @@ type UnpackError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The JSON a [`Packer`] record holds.
 fn unpack(packed: &[u8]) -> Result<String, UnpackError> {
-    let Some((basis_at, head, basis)) = split_parts(packed)? else {
+    let Some((basis_at, head_len, block)) = split_parts(packed)? else {
         let raw = lz4_flex::block::decompress_size_prepended(packed)?;
         return Ok(String::from_utf8(raw)?);
     };
-    let head = lz4_flex::block::decompress_size_prepended(head)?;
-    let basis = lz4_flex::block::decompress_size_prepended(basis)?;
-    if head.get(basis_at..basis_at + 2) != Some(b"[]".as_slice()) {
+    let joined = lz4_flex::block::decompress_size_prepended(block)?;
+    if head_len > joined.len() || joined.get(basis_at..basis_at + 2) != Some(b"[]".as_slice()) {
         return Err("its basis has no place in it".into());
     }
-    let mut json = Vec::with_capacity(head.len() - 2 + basis.len());
+    let (head, basis) = joined.split_at(head_len);
+    let mut json = Vec::with_capacity(joined.len() - 2);
     json.extend_from_slice(&head[..basis_at]);
-    json.extend_from_slice(&basis);
+    json.extend_from_slice(basis);
     json.extend_from_slice(&head[basis_at + 2..]);
     Ok(String::from_utf8(json)?)
 }
@@ -1605,19 +1610,24 @@ fn unpack(packed: &[u8]) -> Result<String, UnpackError> {
 /// The JSON a [`Packer`] record holds, with `[]` for its basis where it was packed
 /// apart.
 fn unpack_without_basis(packed: &[u8]) -> Result<String, UnpackError> {
-    let head = match split_parts(packed)? {
-        Some((_, head, _)) => head,
-        None => packed,
+    let Some((_, head_len, block)) = split_parts(packed)? else {
+        return Ok(String::from_utf8(
+            lz4_flex::block::decompress_size_prepended(packed)?,
+        )?);
     };
-    Ok(String::from_utf8(
-        lz4_flex::block::decompress_size_prepended(head)?,
-    )?)
+    let mut joined = lz4_flex::block::decompress_size_prepended(block)?;
+    if head_len > joined.len() {
+        return Err("its basis has no place in it".into());
+    }
+    joined.truncate(head_len);
+    Ok(String::from_utf8(joined)?)
 }
 
-/// A result packed in two parts: where its basis goes in the first, and the two blocks.
-type SplitParts<'a> = (usize, &'a [u8], &'a [u8]);
+/// A result packed with its basis apart: where the basis goes, the length of the event
+/// before it, and the block.
+type SplitParts<'a> = (usize, usize, &'a [u8]);
 
-/// The parts of a two-part result; `None` for a one-part result.
+/// The parts of a result packed with its basis apart; `None` for one packed whole.
 fn split_parts(packed: &[u8]) -> Result<Option<SplitParts<'_>>, UnpackError> {
     let word = |at: usize| -> Result<u32, UnpackError> {
         let bytes = packed.get(at..at + 4).ok_or("it is cut short")?;
@@ -1628,12 +1638,7 @@ fn split_parts(packed: &[u8]) -> Result<Option<SplitParts<'_>>, UnpackError> {
         return Ok(None);
     }
     let head_len = word(4)? as usize;
-    let head = packed.get(8..8 + head_len).ok_or("it is cut short")?;
-    Ok(Some((
-        (first & !SPLIT) as usize,
-        head,
-        &packed[8 + head_len..],
-    )))
+    Ok(Some(((first & !SPLIT) as usize, head_len, &packed[8..])))
 }
 
 /// A stored result as JSON: compressed (a BLOB) or, from older ledgers, plain text.
@@ -1791,7 +1796,7 @@ mod tests {
         );
         let at = json.find(&basis).unwrap();
         let place = at..at + basis.len();
-        // Stored apart: the first word says so.
+        // The basis apart: the first word says so.
         let split = pack_result(&json, Some(place.clone()));
         assert_ne!(split[3] & 0x80, 0);
         assert_eq!(pack_result(&json, None)[3] & 0x80, 0);
@@ -1829,13 +1834,18 @@ mod tests {
             lean,
             vec![Some(json.replace(&basis, "[]")), Some(small), Some(json)]
         );
-        // A two-part record cut short, or whose event has no `[]` where the basis goes, is an
-        // error, never a wrong result.
+        // A record with its basis apart that is cut short, whose event has no `[]` where
+        // the basis goes, or whose event is said to be longer than the block is an error,
+        // never a wrong result.
         assert!(unpack(&split[..6]).is_err());
-        assert!(unpack(&split[..split.len() - 3]).is_err());
+        assert!(unpack_without_basis(&split[..split.len() - 3]).is_err());
         let mut moved = split.clone();
         moved[0] = moved[0].wrapping_add(1);
         assert!(unpack(&moved).is_err());
+        let mut long = split.clone();
+        long[6] = 0x7f;
+        assert!(unpack(&long).is_err());
+        assert!(unpack_without_basis(&long).is_err());
     }
 
     #[tokio::test]
