@@ -238,7 +238,7 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// results to the result log instead of the `results` table (whose rows are still read);
 /// format 3 may keep them in another log file, named in `settings` (see
 /// [`Ledger::compact`]), which older versions would not look for; format 4 may store a
-/// result with its basis moved apart (see [`Packer`]), which older versions would not read. Older
+/// result after its basis's place (see [`Packer`]), which older versions would not read. Older
 /// ledgers are converted when opened.
 const FORMAT: i64 = 4;
 
@@ -1522,50 +1522,41 @@ fn pack_result(json: &str, basis: Option<Range<usize>>) -> Vec<u8> {
 /// zstd shrinks it more but costs 5× the CPU on events this small.
 ///
 /// An event whose basis is large and whose place is known (`basis`, a range of `json`) is
-/// packed with the basis moved to the end, so that readers without a use for it do not
-/// parse it: a word with [`SPLIT`] set and the basis's place, the length of the event with
-/// `[]` for its basis, then that event followed by the basis as one LZ4 block after its
-/// length.
+/// packed with that place in front, so that readers without a use for the basis cut it out
+/// before parsing: a word with [`SPLIT`] set and where the basis starts, a word with where
+/// it ends, then the block.
 ///
-/// Results are packed one after another into a buffer, reusing LZ4's hash table and the
-/// buffers for the part before the basis and for compressing.
+/// Results are packed one after another into a buffer, reusing LZ4's hash table and a
+/// buffer to compress into.
 #[derive(Default)]
 struct Packer {
     table: lz4_flex::block::CompressTable,
-    head: Vec<u8>,
     scratch: Vec<u8>,
 }
 
 impl Packer {
     /// Appends `json` packed to `out`.
     fn pack(&mut self, json: &str, basis: Option<Range<usize>>, out: &mut Vec<u8>) {
-        let split = basis.filter(|b| {
-            b.len() >= SPLIT_BASIS_BYTES && b.end <= json.len() && (b.start as u64) < SPLIT as u64
-        });
         let json = json.as_bytes();
+        let split = basis.filter(|b| {
+            b.len() >= SPLIT_BASIS_BYTES
+                && (b.end as u64) < SPLIT as u64
+                && json.get(b.start) == Some(&b'[')
+                && json.get(b.end - 1) == Some(&b']')
+        });
         let Some(b) = split else {
             return self.block(json, out);
         };
-        // One block (one hash table to clear, which costs LZ4 as much as a short input):
-        // the event with `[]` for its basis, then the basis.
-        let mut joined = std::mem::take(&mut self.head);
-        joined.clear();
-        joined.extend_from_slice(&json[..b.start]);
-        joined.extend_from_slice(b"[]");
-        joined.extend_from_slice(&json[b.end..]);
-        let head_len = joined.len() as u32;
-        joined.extend_from_slice(&json[b.clone()]);
         out.extend_from_slice(&(SPLIT | b.start as u32).to_le_bytes());
-        out.extend_from_slice(&head_len.to_le_bytes());
-        self.block(&joined, out);
-        self.head = joined;
+        out.extend_from_slice(&(b.end as u32).to_le_bytes());
+        self.block(json, out);
     }
 
     /// Appends `input` as an LZ4 block after its length, as `compress_prepend_size` writes
     /// it.
     fn block(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        // Compressed into a buffer kept from one block to the next, then copied: zeroing
-        // the largest size a block can take, for each block, cost more than compressing it.
+        // Compressed into a buffer kept from one block to the next, then copied, rather
+        // than into `out` grown (and zeroed) to the largest size a block can take.
         let max = lz4_flex::block::get_maximum_output_size(input.len());
         if self.scratch.len() < max {
             self.scratch.resize(max, 0);
@@ -1581,53 +1572,47 @@ impl Packer {
     }
 }
 
-/// Marks a result packed with its basis apart (see [`Packer`]). One packed whole starts with
-/// its length, which is always below it.
+/// Marks a result packed with its basis's place (see [`Packer`]). One packed without it
+/// starts with its length, which is always below this.
 const SPLIT: u32 = 1 << 31;
-/// A basis shorter than this is packed with the rest of its event.
+/// A basis shorter than this is not worth cutting out: its place is not kept.
 const SPLIT_BASIS_BYTES: usize = 256;
 
 type UnpackError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The JSON a [`Packer`] record holds.
 fn unpack(packed: &[u8]) -> Result<String, UnpackError> {
-    let Some((basis_at, head_len, block)) = split_parts(packed)? else {
-        let raw = lz4_flex::block::decompress_size_prepended(packed)?;
-        return Ok(String::from_utf8(raw)?);
+    let block = match split_parts(packed)? {
+        Some((_, block)) => block,
+        None => packed,
     };
-    let joined = lz4_flex::block::decompress_size_prepended(block)?;
-    if head_len > joined.len() || joined.get(basis_at..basis_at + 2) != Some(b"[]".as_slice()) {
-        return Err("its basis has no place in it".into());
+    Ok(String::from_utf8(
+        lz4_flex::block::decompress_size_prepended(block)?,
+    )?)
+}
+
+/// The JSON a [`Packer`] record holds, with `[]` for its basis where it knows the basis's
+/// place.
+fn unpack_without_basis(packed: &[u8]) -> Result<String, UnpackError> {
+    let Some((basis, block)) = split_parts(packed)? else {
+        return unpack(packed);
+    };
+    let mut json = lz4_flex::block::decompress_size_prepended(block)?;
+    let fits = basis.start + 2 <= basis.end
+        && json.get(basis.start) == Some(&b'[')
+        && json.get(basis.end - 1) == Some(&b']');
+    if !fits {
+        return Err("its basis is not where it says".into());
     }
-    let (head, basis) = joined.split_at(head_len);
-    let mut json = Vec::with_capacity(joined.len() - 2);
-    json.extend_from_slice(&head[..basis_at]);
-    json.extend_from_slice(basis);
-    json.extend_from_slice(&head[basis_at + 2..]);
+    json[basis.start..basis.start + 2].copy_from_slice(b"[]");
+    json.drain(basis.start + 2..basis.end);
     Ok(String::from_utf8(json)?)
 }
 
-/// The JSON a [`Packer`] record holds, with `[]` for its basis where it was packed
-/// apart.
-fn unpack_without_basis(packed: &[u8]) -> Result<String, UnpackError> {
-    let Some((_, head_len, block)) = split_parts(packed)? else {
-        return Ok(String::from_utf8(
-            lz4_flex::block::decompress_size_prepended(packed)?,
-        )?);
-    };
-    let mut joined = lz4_flex::block::decompress_size_prepended(block)?;
-    if head_len > joined.len() {
-        return Err("its basis has no place in it".into());
-    }
-    joined.truncate(head_len);
-    Ok(String::from_utf8(joined)?)
-}
+/// Where a result's basis is, and the block.
+type SplitParts<'a> = (Range<usize>, &'a [u8]);
 
-/// A result packed with its basis apart: where the basis goes, the length of the event
-/// before it, and the block.
-type SplitParts<'a> = (usize, usize, &'a [u8]);
-
-/// The parts of a result packed with its basis apart; `None` for one packed whole.
+/// The parts of a result packed with its basis's place; `None` for one packed without.
 fn split_parts(packed: &[u8]) -> Result<Option<SplitParts<'_>>, UnpackError> {
     let word = |at: usize| -> Result<u32, UnpackError> {
         let bytes = packed.get(at..at + 4).ok_or("it is cut short")?;
@@ -1637,8 +1622,8 @@ fn split_parts(packed: &[u8]) -> Result<Option<SplitParts<'_>>, UnpackError> {
     if first & SPLIT == 0 {
         return Ok(None);
     }
-    let head_len = word(4)? as usize;
-    Ok(Some(((first & !SPLIT) as usize, head_len, &packed[8..])))
+    let end = word(4)? as usize;
+    Ok(Some(((first & !SPLIT) as usize..end, &packed[8..])))
 }
 
 /// A stored result as JSON: compressed (a BLOB) or, from older ledgers, plain text.
@@ -1796,7 +1781,7 @@ mod tests {
         );
         let at = json.find(&basis).unwrap();
         let place = at..at + basis.len();
-        // The basis apart: the first word says so.
+        // The basis's place kept: the first word says so.
         let split = pack_result(&json, Some(place.clone()));
         assert_ne!(split[3] & 0x80, 0);
         assert_eq!(pack_result(&json, None)[3] & 0x80, 0);
@@ -1834,18 +1819,15 @@ mod tests {
             lean,
             vec![Some(json.replace(&basis, "[]")), Some(small), Some(json)]
         );
-        // A record with its basis apart that is cut short, whose event has no `[]` where
-        // the basis goes, or whose event is said to be longer than the block is an error,
-        // never a wrong result.
+        // A record cut short, or whose basis is not where it says, is an error, never a
+        // wrong result.
         assert!(unpack(&split[..6]).is_err());
         assert!(unpack_without_basis(&split[..split.len() - 3]).is_err());
-        let mut moved = split.clone();
-        moved[0] = moved[0].wrapping_add(1);
-        assert!(unpack(&moved).is_err());
-        let mut long = split.clone();
-        long[6] = 0x7f;
-        assert!(unpack(&long).is_err());
-        assert!(unpack_without_basis(&long).is_err());
+        for (byte, by) in [(0, 1), (4, 1), (6, 0x7f)] {
+            let mut moved = split.clone();
+            moved[byte] = moved[byte].wrapping_add(by);
+            assert!(unpack_without_basis(&moved).is_err(), "byte {byte} + {by}");
+        }
     }
 
     #[tokio::test]
