@@ -34,4 +34,4 @@ pub use streams::{
     RawRun, RunsQuery, decode_run_row, decode_run_state, decode_run_state_without_basis,
 };
 pub(crate) use submit::AbortOnDrop;
-pub use submit::AddedBatch;
+pub use submit::{AddedBatch, PreparedMetadata, PreparedRunInput, RunInputBody};

@@ -65,10 +65,48 @@ impl Submission {
 }
 
 #[derive(Serialize)]
-struct AddRunsBody<'a> {
+struct AddRunsBody<'a, I> {
     #[serde(skip_serializing_if = "Option::is_none")]
     default_task_spec: Option<&'a RawValue>,
-    inputs: Vec<&'a TaskRunInput>,
+    inputs: Vec<&'a I>,
+}
+
+/// A run input as add-runs sends it: a [`TaskRunInput`], or a [`PreparedRunInput`] already
+/// written as JSON.
+pub trait RunInputBody: Serialize + Send + 'static {
+    /// The input's row key: the one its metadata gives, or one derived from its `ordinal`
+    /// (and put in its metadata). An error says why a given key cannot be one.
+    fn row_key(&mut self, ordinal: u64) -> Result<String, String>;
+}
+
+impl RunInputBody for TaskRunInput {
+    fn row_key(&mut self, ordinal: u64) -> Result<String, String> {
+        ensure_row_key(self, ordinal)
+    }
+}
+
+/// A run input whose input is already JSON, with its row key and (when known) the ledger
+/// row of its claim: what a pipeline submits, sent without building a tree of values.
+#[derive(Clone, Debug, Serialize)]
+pub struct PreparedRunInput {
+    pub input: Box<RawValue>,
+    pub processor: String,
+    pub metadata: PreparedMetadata,
+}
+
+/// The metadata of a [`PreparedRunInput`]: its [`ROW_KEY`] and [`super::LEDGER_ROW`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PreparedMetadata {
+    #[serde(rename = "gf_row")]
+    pub row_key: String,
+    #[serde(rename = "gf_ledger_row", skip_serializing_if = "Option::is_none")]
+    pub ledger_row: Option<i64>,
+}
+
+impl RunInputBody for PreparedRunInput {
+    fn row_key(&mut self, _ordinal: u64) -> Result<String, String> {
+        Ok(self.metadata.row_key.clone())
+    }
 }
 
 impl Client {
@@ -96,14 +134,15 @@ impl Client {
     /// the group. A POST whose outcome is unknown (timeout, reset, 429, 5xx) is reconciled
     /// against the group's runs, and only inputs whose keys are missing are sent again. The
     /// stream ends after the first error; dropping it abandons the POSTs in flight.
-    pub fn add_runs_stream<S>(
+    pub fn add_runs_stream<S, I>(
         &self,
         group_id: &str,
         default_task_spec: Option<TaskSpec>,
         inputs: S,
     ) -> BoxStream<'static, Result<AddedBatch, ClientError>>
     where
-        S: Stream<Item = TaskRunInput> + Send + 'static,
+        S: Stream<Item = I> + Send + 'static,
+        I: RunInputBody,
     {
         let spec = match default_task_spec
             .as_ref()
@@ -190,15 +229,16 @@ impl Client {
 
 /// Submits one batch until every input has a run: POST, and after an unknown outcome, find
 /// what the group already has and re-send only the rest.
-async fn submit_batch(
+async fn submit_batch<I: RunInputBody>(
     s: Arc<Submission>,
     offset: u64,
-    mut inputs: Vec<TaskRunInput>,
+    mut inputs: Vec<I>,
 ) -> Result<AddedBatch, ClientError> {
     let mut keys = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.iter_mut().enumerate() {
         let index = offset + i as u64;
-        let key = ensure_row_key(input, index)
+        let key = input
+            .row_key(index)
             .map_err(|message| ClientError::InvalidInput { index, message })?;
         keys.push(key);
     }

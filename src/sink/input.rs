@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 
 use super::task::{InputMapping, TaskDefinition, TemplatePart, parse_template};
 use crate::api::TaskRunInput;
-use crate::client::ROW_KEY;
+use crate::client::{PreparedMetadata, PreparedRunInput, ROW_KEY};
 
 /// A row that cannot become a run input, or a mapping that does not fit the source.
 #[derive(Debug, thiserror::Error)]
@@ -165,13 +165,12 @@ impl InputEncoder {
                         write_value(encoders[*c].as_mut(), row, &mut buf);
                     }
                     buf.push(b'}');
-                    // Checked here, so that making the run input later cannot fail.
-                    let json: Box<RawValue> =
-                        serde_json::from_slice(&buf).map_err(|e| InputError::Encode {
+                    serde_json::from_slice::<Box<RawValue>>(&buf).map_err(|e| {
+                        InputError::Encode {
                             row: ordinal,
                             message: e.to_string(),
-                        })?;
-                    Encoded::Object(json)
+                        }
+                    })?
                 }
                 Compiled::Template(parts) => {
                     let mut text = String::new();
@@ -190,7 +189,10 @@ impl InputEncoder {
                     }
                     buf.clear();
                     buf.extend_from_slice(text.as_bytes());
-                    Encoded::Text(text)
+                    serde_json::value::to_raw_value(&text).map_err(|e| InputError::Encode {
+                        row: ordinal,
+                        message: e.to_string(),
+                    })?
                 }
             };
             out.push(EncodedInput {
@@ -204,37 +206,40 @@ impl InputEncoder {
 
     /// The run input of an encoded row, its input key in `metadata[ROW_KEY]`.
     pub fn input(&self, encoded: EncodedInput) -> Result<TaskRunInput, InputError> {
-        let input = match encoded.input {
-            Encoded::Object(json) => {
-                serde_json::from_str(json.get()).map_err(|e| InputError::Encode {
-                    row: encoded.row,
-                    message: e.to_string(),
-                })?
-            }
-            Encoded::Text(text) => Value::String(text),
-        };
+        let input = serde_json::from_str(encoded.input.get()).map_err(|e| InputError::Encode {
+            row: encoded.row,
+            message: e.to_string(),
+        })?;
         let mut run = TaskRunInput::new(input, self.processor.clone());
         let mut metadata = serde_json::Map::new();
         metadata.insert(ROW_KEY.to_string(), Value::String(encoded.key));
         run.metadata = Some(metadata);
         Ok(run)
     }
+
+    /// The run input of an encoded row as add-runs sends it, as JSON already, with its input
+    /// key and the ledger row of its claim in its metadata.
+    pub fn prepared(&self, encoded: EncodedInput, ledger_row: Option<i64>) -> PreparedRunInput {
+        PreparedRunInput {
+            input: encoded.input,
+            processor: self.processor.clone(),
+            metadata: PreparedMetadata {
+                row_key: encoded.key,
+                ledger_row,
+            },
+        }
+    }
 }
 
 /// A row encoded by [`InputEncoder::encode_keyed`].
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct EncodedInput {
-    input: Encoded,
+    /// The run's input: an object, or the text of a template.
+    input: Box<RawValue>,
     /// The input key (see [`input_key`]).
     pub key: String,
     /// The row's ordinal, for errors.
     row: u64,
-}
-
-#[derive(Debug)]
-enum Encoded {
-    Object(Box<RawValue>),
-    Text(String),
 }
 
 fn write_value(encoder: Option<&mut NullableEncoder>, row: usize, buf: &mut Vec<u8>) {
@@ -327,6 +332,28 @@ mod tests {
         let again = enc.encode(&b.slice(1, 1), 0).unwrap();
         assert_eq!(again[0].metadata, inputs[1].metadata);
         assert_ne!(inputs[0].metadata, inputs[1].metadata);
+    }
+
+    #[test]
+    fn prepared_inputs_send_what_run_inputs_send() {
+        let b = batch();
+        let mappings = [
+            json!({"who": "name", "count": "n", "x": "x", "day": "day", "tags": "tags"}),
+            json!("Research {name} ({n}) on {day}"),
+        ];
+        for mapping in mappings {
+            let enc = InputEncoder::new(&task(mapping), &b.schema()).unwrap();
+            for encoded in enc.encode_keyed(&b, 0).unwrap() {
+                let mut run = enc.input(encoded.clone()).unwrap();
+                let metadata = run.metadata.as_mut().unwrap();
+                metadata.insert(crate::client::LEDGER_ROW.into(), 7.into());
+                let prepared = enc.prepared(encoded, Some(7));
+                assert_eq!(
+                    serde_json::to_value(&prepared).unwrap(),
+                    serde_json::to_value(&run).unwrap()
+                );
+            }
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@ use futures::stream::{BoxStream, StreamExt};
 
 use super::input::{InputEncoder, InputError};
 use super::spill::{Spill, SpillError, SpillWriter};
-use crate::api::{Metadata, TaskRunInput, TaskSpec};
-use crate::client::{Client, ClientError, LEDGER_ROW, RunsQuery};
+use crate::api::{Metadata, TaskSpec};
+use crate::client::{Client, ClientError, PreparedRunInput, RunsQuery};
 use crate::ledger::{Claim, ClaimCounts, GroupError, LedgerError, TaskLedger};
 
 /// Rows encoded and handed to the client at a time.
@@ -167,7 +167,7 @@ pub async fn submit(
 
     let writer = SpillWriter::create(spill_dir, schema)?;
     let claims = Arc::new(Mutex::new(ClaimCounts::default()));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<TaskRunInput>>(CHANNEL_SLICES);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<PreparedRunInput>>(CHANNEL_SLICES);
     let producer = tokio::spawn(produce(
         input,
         encoder,
@@ -293,7 +293,7 @@ async fn produce(
     mut writer: SpillWriter,
     ledger: TaskLedger,
     counts: Arc<Mutex<ClaimCounts>>,
-    tx: tokio::sync::mpsc::Sender<Vec<TaskRunInput>>,
+    tx: tokio::sync::mpsc::Sender<Vec<PreparedRunInput>>,
 ) -> Result<SpillWriter, SubmitError> {
     while let Some(batch) = input.next().await {
         let batch = batch.map_err(SubmitError::Source)?;
@@ -345,11 +345,7 @@ async fn produce(
                 for (e, (claim, row)) in pairs.by_ref() {
                     seen += 1;
                     if claim == Claim::Submit {
-                        let mut i = encoder.input(e)?;
-                        i.metadata
-                            .get_or_insert_with(Default::default)
-                            .insert(LEDGER_ROW.to_string(), row.into());
-                        to_submit.push(i);
+                        to_submit.push(encoder.prepared(e, Some(row)));
                     }
                     if seen == SLICE_ROWS {
                         break;
