@@ -1,9 +1,10 @@
 //! Submission: source batches → run inputs → claims → add-runs, as the input stream arrives.
 //!
-//! A producer task reads the source, encodes each slice of rows, claims their input keys in
-//! the ledger (which decides per row: submit, share an earlier run, or reuse a stored
-//! result), appends the rows (with their keys) to the spill file and hands the inputs to
-//! submit to the client's `add_runs_stream` through a small bounded channel. The client's
+//! A producer task reads the source, encodes each batch of rows to JSON, claims their input
+//! keys in the ledger in one transaction (which decides per row: submit, share an earlier
+//! run, or reuse a stored result), hands the inputs to submit to the client's
+//! `add_runs_stream` a slice at a time through a small bounded channel, and appends the rows
+//! (with their keys) to the spill file. The client's
 //! bounded POSTs in flight pace the producer, so neither the table nor the inputs pile up in
 //! memory. The group is created only when the first input needs submitting, and recorded
 //! in the ledger before any run is added to it.
@@ -307,8 +308,8 @@ async fn produce(
             let part = batch.slice(start, CLAIM_ROWS.min(batch.num_rows() - start));
             // Claimed all at once: one transaction for the part's keys rewrites each page of
             // the ledger's key index they land on once, where a transaction per slice of
-            // inputs would rewrite most of those pages once per slice. The rows wait as
-            // JSON; run inputs, several times larger, are made a slice at a time.
+            // inputs would rewrite most of those pages once per slice. The rows' inputs
+            // wait as the JSON they were encoded to, and go to the client a slice at a time.
             let encoded = encoder.encode_keyed(&part, first + start as u64)?;
             let part_keys: Vec<String> = encoded.iter().map(|e| e.key.clone()).collect();
             let claims = match ledger.claim_rows(part_keys.clone()).await {
