@@ -73,6 +73,9 @@ pub struct ServerHandle {
     shutdown: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
+    /// The state database, to see that it is closed (and its lock released) once every
+    /// task that used it has let it go.
+    store: std::sync::Weak<store::Store>,
 }
 
 impl ServerHandle {
@@ -87,8 +90,10 @@ impl ServerHandle {
     }
 
     /// Stops accepting requests, ends open streams, and waits (up to 10 s) for both the
-    /// HTTP server and the scheduler to stop. Runs in flight stay `running` in the database
-    /// and are executed again by the next server on the same file.
+    /// HTTP server and the scheduler to stop, then (up to 10 s more) for the last request's
+    /// work to let the state database go: once this returns, another server can open the
+    /// same file. Runs in flight stay `running` in the database and are executed again by
+    /// the next server on the same file.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         for task in [self.server.take(), self.scheduler.take()]
@@ -102,6 +107,13 @@ impl ServerHandle {
             {
                 abort.abort();
             }
+        }
+        // Work a request started on a blocking thread (an add-runs batch) is not cancelled
+        // with its connection, and can hold the database a moment after the server's task
+        // has ended.
+        let released = std::time::Instant::now() + Duration::from_secs(10);
+        while self.store.strong_count() > 0 && std::time::Instant::now() < released {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
@@ -165,6 +177,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         source,
     })?;
     let store = Arc::new(store);
+    let held = Arc::downgrade(&store);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let changes = Arc::new(watch::Sender::new(0u64));
     let wake = Arc::new(Notify::new());
@@ -204,5 +217,6 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         shutdown: shutdown_tx,
         server: Some(server),
         scheduler: Some(scheduler),
+        store: held,
     })
 }
