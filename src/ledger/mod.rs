@@ -142,8 +142,9 @@ pub struct StoredResult {
     pub completed: bool,
     /// The run's event (`run`, `output`) as JSON.
     pub json: String,
-    /// Where the output's `basis` is in `json`, when known: it is then stored apart, and
-    /// read only by those who ask for it (see [`TaskLedger::results_by_row`]).
+    /// Where the output's `basis` is in `json`, when known: the place is then stored with
+    /// the result, and readers that do not ask for the basis cut it out (see
+    /// [`TaskLedger::results_by_row`]).
     pub basis: Option<Range<usize>>,
 }
 
@@ -1218,8 +1219,8 @@ impl TaskLedger {
     /// [`TaskLedger::claim_rows`]) when known: read by that row while it is the key's, else
     /// by key (see [`RunFinder`]).
     ///
-    /// Without `basis`, a result whose basis was stored apart (see [`StoredResult::basis`])
-    /// reads with `[]` for it, which spares decompressing and parsing most of its bytes.
+    /// Without `basis`, a result stored with its basis's place (see [`StoredResult::basis`])
+    /// reads with `[]` for it, which spares parsing most of its bytes.
     pub async fn results_by_row(
         &self,
         keys: Vec<(String, Option<i64>)>,
@@ -1539,10 +1540,7 @@ impl Packer {
     fn pack(&mut self, json: &str, basis: Option<Range<usize>>, out: &mut Vec<u8>) {
         let json = json.as_bytes();
         let split = basis.filter(|b| {
-            b.len() >= SPLIT_BASIS_BYTES
-                && (b.end as u64) < SPLIT as u64
-                && json.get(b.start) == Some(&b'[')
-                && json.get(b.end - 1) == Some(&b']')
+            b.len() >= SPLIT_BASIS_BYTES && (b.end as u64) < SPLIT as u64 && is_array_at(json, b)
         });
         let Some(b) = split else {
             return self.block(json, out);
@@ -1598,15 +1596,20 @@ fn unpack_without_basis(packed: &[u8]) -> Result<String, UnpackError> {
         return unpack(packed);
     };
     let mut json = lz4_flex::block::decompress_size_prepended(block)?;
-    let fits = basis.start + 2 <= basis.end
-        && json.get(basis.start) == Some(&b'[')
-        && json.get(basis.end - 1) == Some(&b']');
-    if !fits {
+    if !is_array_at(&json, &basis) {
         return Err("its basis is not where it says".into());
     }
     json[basis.start..basis.start + 2].copy_from_slice(b"[]");
     json.drain(basis.start + 2..basis.end);
     Ok(String::from_utf8(json)?)
+}
+
+/// Whether `place` in `json` starts with `[` and ends with `]`: the check that a basis's
+/// place is kept for (when packing) and still fits (when cutting it out).
+fn is_array_at(json: &[u8], place: &Range<usize>) -> bool {
+    place.len() >= 2
+        && json.get(place.start) == Some(&b'[')
+        && json.get(place.end - 1) == Some(&b']')
 }
 
 /// Where a result's basis is, and the block.
@@ -1768,7 +1771,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_large_basis_is_stored_apart_and_read_only_when_asked_for() {
+    async fn a_large_basis_is_cut_out_for_readers_that_do_not_ask_for_it() {
         let l = Ledger::temporary().unwrap();
         let t = l.task("t", "fp").await.unwrap();
         let ks = keys(&["a", "b", "c"]);
@@ -1792,7 +1795,7 @@ mod tests {
                 basis: Some(place),
                 ..done(&ks[0], true)
             },
-            // Too small to store apart, and a place not known: each stored whole.
+            // Too small to be worth cutting out, and a place not known: each read whole.
             StoredResult {
                 basis: Some(19..19 + entry.len()),
                 json: small.clone(),
