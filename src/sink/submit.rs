@@ -340,23 +340,15 @@ async fn produce(
             // Each run carries the ledger row of its claim, so that its result is stored
             // there without a walk down the ledger's key index.
             let mut pairs = encoded.into_iter().zip(claims);
-            loop {
-                let mut to_submit = Vec::with_capacity(SLICE_ROWS);
-                let mut seen = 0;
-                for (e, (claim, row)) in pairs.by_ref() {
-                    seen += 1;
-                    if claim == Claim::Submit {
-                        to_submit.push(encoder.prepared(e, Some(row)));
-                    }
-                    if seen == SLICE_ROWS {
-                        break;
-                    }
-                }
+            while pairs.len() > 0 {
+                let to_submit: Vec<PreparedRunInput> = pairs
+                    .by_ref()
+                    .take(SLICE_ROWS)
+                    .filter(|(_, (claim, _))| *claim == Claim::Submit)
+                    .map(|(e, (_, row))| encoder.prepared(e, Some(row)))
+                    .collect();
                 if !to_submit.is_empty() && tx.send(to_submit).await.is_err() {
                     return Ok(writer);
-                }
-                if seen < SLICE_ROWS {
-                    break;
                 }
             }
         }
