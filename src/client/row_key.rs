@@ -46,6 +46,17 @@ pub fn derive_row_key(input: &TaskRunInput, ordinal: u64) -> String {
     format!("h{:016x}", h.finish())
 }
 
+/// `key` when a metadata value can hold it (the API bounds their length).
+pub(crate) fn check_row_key(key: String) -> Result<String, String> {
+    if key.chars().count() > api::MAX_METADATA_VALUE_CHARS {
+        return Err(format!(
+            "metadata `{ROW_KEY}` is longer than {} characters",
+            api::MAX_METADATA_VALUE_CHARS
+        ));
+    }
+    Ok(key)
+}
+
 /// Makes sure `input` carries a usable row key, deriving one when absent, and returns it.
 pub(crate) fn ensure_row_key(input: &mut TaskRunInput, ordinal: u64) -> Result<String, String> {
     if let Some(v) = input.metadata.as_ref().and_then(|m| m.get(ROW_KEY)) {
@@ -55,13 +66,7 @@ pub(crate) fn ensure_row_key(input: &mut TaskRunInput, ordinal: u64) -> Result<S
                 api::json_kind(v)
             )
         })?;
-        if key.chars().count() > api::MAX_METADATA_VALUE_CHARS {
-            return Err(format!(
-                "metadata `{ROW_KEY}` is longer than {} characters",
-                api::MAX_METADATA_VALUE_CHARS
-            ));
-        }
-        return Ok(key);
+        return check_row_key(key);
     }
     let key = derive_row_key(input, ordinal);
     input
@@ -99,6 +104,7 @@ impl Fnv64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::{PreparedMetadata, PreparedRunInput, RunInputBody};
     use serde_json::json;
 
     #[test]
@@ -128,5 +134,24 @@ mod tests {
         assert_eq!(ensure_row_key(&mut i, 0).unwrap(), "42");
         i.metadata = Some(serde_json::from_value(json!({ROW_KEY: [1]})).unwrap());
         assert!(ensure_row_key(&mut i, 0).unwrap_err().contains("not array"));
+        // Too long for a metadata value: refused, given in a run input or a prepared one.
+        let long = "k".repeat(api::MAX_METADATA_VALUE_CHARS + 1);
+        i.metadata = Some(serde_json::from_value(json!({ROW_KEY: long})).unwrap());
+        assert!(
+            ensure_row_key(&mut i, 0)
+                .unwrap_err()
+                .contains("longer than")
+        );
+        let mut prepared = PreparedRunInput {
+            input: serde_json::value::to_raw_value("x").unwrap(),
+            processor: "lite".into(),
+            metadata: PreparedMetadata {
+                row_key: long[1..].to_string(),
+                ledger_row: None,
+            },
+        };
+        assert_eq!(prepared.row_key(0).unwrap(), long[1..]);
+        prepared.metadata.row_key = long;
+        assert!(prepared.row_key(0).unwrap_err().contains("longer than"));
     }
 }

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use super::error::ClientError;
 use super::http::{Client, json_body};
 use super::retry::RetryState;
-use super::row_key::{ROW_KEY, ensure_row_key, row_key_value};
+use super::row_key::{ROW_KEY, check_row_key, ensure_row_key, row_key_value};
 use super::streams::RunsQuery;
 use crate::api::{TaskRunInput, TaskSpec};
 
@@ -105,7 +105,7 @@ pub struct PreparedMetadata {
 
 impl RunInputBody for PreparedRunInput {
     fn row_key(&mut self, _ordinal: u64) -> Result<String, String> {
-        Ok(self.metadata.row_key.clone())
+        check_row_key(self.metadata.row_key.clone())
     }
 }
 
