@@ -134,8 +134,15 @@ fn rows_to_inputs(c: &mut Criterion) {
     }))
     .expect("task");
     let encoder = InputEncoder::new(&task, &batch.schema()).expect("encoder");
+    // What a pipeline does: rows to input JSON with their keys, then the add-runs inputs
+    // written as they were encoded.
     let run = || {
-        let inputs = encoder.encode(&batch, 0).expect("encode");
+        let inputs: Vec<_> = encoder
+            .encode_keyed(&batch, 0)
+            .expect("encode")
+            .into_iter()
+            .map(|e| encoder.prepared(e, None))
+            .collect();
         serde_json::to_vec(&inputs).expect("json")
     };
     let bytes = run().len() as u64;
