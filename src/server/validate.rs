@@ -2,7 +2,7 @@
 //! name the exact location (`["body", "inputs", 3, "metadata", "k"]`).
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::processor;
 use crate::api::{
@@ -88,24 +88,25 @@ impl Issues {
 
 /// Checks run or group metadata: an object of short keys to strings, numbers or booleans.
 pub fn metadata(v: &Value, at: &[Loc], issues: &mut Issues) {
-    let m = match v {
-        Value::Null => return,
-        Value::Object(m) => m,
-        other => {
-            issues.push(
-                at.to_vec(),
-                format!("metadata must be an object, got {}", json_kind(other)),
-                "dict_type",
-            );
-            return;
-        }
-    };
+    match v {
+        Value::Null => {}
+        Value::Object(m) => metadata_entries(m, at, issues),
+        other => issues.push(
+            at.to_vec(),
+            format!("metadata must be an object, got {}", json_kind(other)),
+            "dict_type",
+        ),
+    }
+}
+
+/// Checks the entries of a metadata object (see [`metadata`]).
+pub fn metadata_entries(m: &Map<String, Value>, at: &[Loc], issues: &mut Issues) {
     for (k, val) in m {
-        let here = loc(at, &[Loc::Key(k.clone())]);
+        let here = || loc(at, &[Loc::Key(k.clone())]);
         let key_chars = k.chars().count();
         if key_chars > MAX_METADATA_KEY_CHARS {
             issues.push(
-                here.clone(),
+                here(),
                 format!(
                     "metadata key `{k}` has {key_chars} characters; at most {MAX_METADATA_KEY_CHARS} are allowed"
                 ),
@@ -117,7 +118,7 @@ pub fn metadata(v: &Value, at: &[Loc], issues: &mut Issues) {
                 let n = s.chars().count();
                 if n > MAX_METADATA_VALUE_CHARS {
                     issues.push(
-                        here,
+                        here(),
                         format!(
                             "metadata value of `{k}` has {n} characters; at most {MAX_METADATA_VALUE_CHARS} are allowed"
                         ),
@@ -127,7 +128,7 @@ pub fn metadata(v: &Value, at: &[Loc], issues: &mut Issues) {
             }
             Value::Number(_) | Value::Bool(_) => {}
             other => issues.push(
-                here,
+                here(),
                 format!(
                     "metadata value of `{k}` must be a string, integer, number or boolean, got {}",
                     json_kind(other)
