@@ -213,6 +213,11 @@ fn check_batch(v: Value, instant: Option<&dyn Processor>, issues: &mut Issues) -
             instant,
         ));
     }
+    batch(default_spec, runs, issues)
+}
+
+/// The batch of checked `runs` under `default_spec`, unless `issues` holds a problem.
+fn batch(default_spec: Option<TaskSpec>, runs: Vec<NewRun>, issues: &Issues) -> Option<Batch> {
     if !issues.is_empty() {
         return None;
     }
@@ -322,14 +327,7 @@ fn plain_batch(bytes: &[u8], instant: Option<&dyn Processor>) -> Option<Batch> {
         };
         runs.push(new_run(input, text, spec, &shared_spec, instant));
     }
-    if !issues.is_empty() {
-        return None;
-    }
-    let default_spec = match default_spec {
-        Some(s) => Some(serde_json::to_string(&s).ok()?),
-        None => None,
-    };
-    Some(Batch { default_spec, runs })
+    batch(default_spec, runs, &issues)
 }
 
 /// `POST {p}/tasks/groups/{id}/runs`
