@@ -1086,6 +1086,29 @@ impl TaskLedger {
     pub async fn store_results(&self, results: Vec<StoredResult>) -> Result<(), LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
         let me = self.ledger.clone();
+        // Compressed before the ledger is taken, on a thread of their own: compressing is
+        // most of storing, and claims and the join's lookups need the ledger meanwhile. A
+        // result then not kept (rare: a run read twice) costs only its compression.
+        let (results, blocks, places) = tokio::task::spawn_blocking(move || {
+            let mut packer = Packer::default();
+            // Sized for LZ4's usual ≈ 2× on events: it seldom has to grow.
+            let json_bytes: usize = results.iter().map(|r| r.json.len()).sum();
+            let mut blocks = Vec::with_capacity(json_bytes / 2);
+            let places: Vec<Range<usize>> = results
+                .iter()
+                .map(|r| {
+                    let start = blocks.len();
+                    packer.pack(&r.json, r.basis.clone(), &mut blocks);
+                    start..blocks.len()
+                })
+                .collect();
+            (results, blocks, places)
+        })
+        .await
+        .map_err(|e| LedgerError::Io {
+            path: self.ledger.path.clone(),
+            message: format!("compressing results: {e}"),
+        })?;
         self.ledger
             .blocking(move |c| -> Result<(), Fail> {
                 // Write-locked from the start: another process sharing the ledger cannot
@@ -1101,10 +1124,6 @@ impl TaskLedger {
                     // The results kept, each with its packed bytes' place in `blocks`.
                     let mut keep: Vec<(&StoredResult, i64, Option<i64>, Range<usize>)> =
                         Vec::with_capacity(results.len());
-                    let mut packer = Packer::default();
-                    // Sized for LZ4's usual ≈ 2.5× on events: it seldom has to grow.
-                    let json_bytes: usize = results.iter().map(|r| r.json.len()).sum();
-                    let mut blocks = Vec::with_capacity(json_bytes / 2);
                     // Rows already kept in this batch (an input can have two runs).
                     let mut kept: HashMap<i64, usize> = HashMap::new();
                     type Row = (i64, i64, String, Option<i64>, Option<i64>);
@@ -1117,7 +1136,7 @@ impl TaskLedger {
                             row.get(4)?,
                         ))
                     };
-                    for r in &results {
+                    for (r, packed) in results.iter().zip(&places) {
                         let row: Option<Row> = find.find(&r.input_key, r.row, read)?;
                         // Only this attempt's claims, and never over a completed result.
                         let Some((row, a, st, old_id, old_at)) = row else {
@@ -1131,9 +1150,7 @@ impl TaskLedger {
                             // A failed result gives way (see `Ledger::compact`).
                             note_unused(&tx)?;
                         }
-                        let start = blocks.len();
-                        packer.pack(&r.json, r.basis.clone(), &mut blocks);
-                        let packed = start..blocks.len();
+                        let packed = packed.clone();
                         match kept.get(&row) {
                             // The same rule within the batch: a completed result stays.
                             Some(&i) if keep[i].0.completed => {}

@@ -108,7 +108,9 @@ pub enum Until {
 }
 
 /// Reads the ended runs of `group_id` (with their outputs, as the JSON they came in) into
-/// the ledger, a slice at a time.
+/// the ledger, a slice at a time. A slice is stored while the next one is read: storing
+/// (packing and writing) and reading (the stream's JSON) each take about half the time, and
+/// the store runs on a thread of its own. Slices are stored in the order they were read.
 pub async fn store_results(
     runs: BoxStream<'static, Result<RawRun, ClientError>>,
     group_id: &str,
@@ -116,16 +118,53 @@ pub async fn store_results(
     until: Until,
 ) -> Result<RunsRead, JoinError> {
     let mut runs = runs;
-    let mut slice = Vec::with_capacity(STORE_ROWS);
     let mut read = RunsRead::default();
-    while let Some(ev) = runs.next().await {
+    let mut storing: Option<futures::future::BoxFuture<'_, Result<(), LedgerError>>> = None;
+    loop {
+        let next = read_slice(&mut runs, group_id, until, &mut read);
+        let (slice, more) = match storing.take() {
+            Some(store) => {
+                let (slice, stored) = futures::join!(next, store);
+                stored?;
+                slice?
+            }
+            None => next.await?,
+        };
+        if !slice.is_empty() {
+            read.stored += slice.len() as u64;
+            storing = Some(Box::pin(ledger.store_results(slice)));
+        }
+        if !more {
+            break;
+        }
+    }
+    if let Some(store) = storing {
+        store.await?;
+    }
+    Ok(read)
+}
+
+/// The next slice of up to [`STORE_ROWS`] ended runs to store, and whether the read goes
+/// on after it (false at the end of the stream, or, with [`Until::Active`], at the first
+/// run still active). `read` follows the runs passed.
+async fn read_slice(
+    runs: &mut BoxStream<'static, Result<RawRun, ClientError>>,
+    group_id: &str,
+    until: Until,
+    read: &mut RunsRead,
+) -> Result<(Vec<StoredResult>, bool), JoinError> {
+    let mut slice = Vec::with_capacity(STORE_ROWS);
+    while slice.len() < STORE_ROWS {
+        let Some(ev) = runs.next().await else {
+            return Ok((slice, false));
+        };
         let run = ev.map_err(|source| JoinError::Client {
             group_id: group_id.to_string(),
             source,
         })?;
         if until == Until::Active {
             if !run.status.is_terminal() || run.event_id.is_none() {
-                break;
+                return Ok((slice, false));
             }
             read.passed += 1;
             read.cursor.clone_from(&run.event_id);
@@ -144,17 +183,8 @@ pub async fn store_results(
             json: run.data,
             basis: run.basis,
         });
-        if slice.len() == STORE_ROWS {
-            read.stored += slice.len() as u64;
-            ledger.store_results(std::mem::take(&mut slice)).await?;
-            slice.reserve(STORE_ROWS);
-        }
     }
-    if !slice.is_empty() {
-        read.stored += slice.len() as u64;
-        ledger.store_results(slice).await?;
-    }
-    Ok(read)
+    Ok((slice, true))
 }
 
 /// Slices fetched ahead of the one being decoded.
@@ -247,7 +277,19 @@ async fn fetch_stored(
     // the database: each lookup after that no longer searches the log's index first.
     let mut checkpointed = false;
     let mut reader = spill.reader()?;
-    while let Some(spilled) = reader.next_batch()? {
+    loop {
+        let spilled = match reader.next_batch().await {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            // The submission writing the spill stopped: its error ends the reading too.
+            Err(e @ SpillError::Abandoned { .. }) => {
+                return Err(match reading_ended(&mut reading).await {
+                    Err(Some(failed)) => JoinError::Reading(failed),
+                    _ => e.into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         for offset in (0..spilled.num_rows()).step_by(JOIN_ROWS) {
             let batch = spilled.slice(offset, JOIN_ROWS.min(spilled.num_rows() - offset));
             let keys: Vec<String> = batch
@@ -371,6 +413,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_of_many_slices_stores_every_run_in_the_order_read() {
+        let ledger = Ledger::temporary().unwrap();
+        let task = ledger.task("t", "fp").await.unwrap();
+        let n = 2 * STORE_ROWS + 1;
+        let keys: Vec<String> = (0..n).map(|i| input_key(&i.to_le_bytes())).collect();
+        task.claim(keys.clone()).await.unwrap();
+        // Key 0 completes twice, in the first slice and in the last: the first result
+        // stays, as it would if the slices were stored one after the other. Key 1 fails in
+        // the first slice and completes in the second.
+        let mut runs: Vec<TaskRunEvent> = (0..n)
+            .map(|i| {
+                run(
+                    &keys[i],
+                    if i == 1 { "failed" } else { "completed" },
+                    i as i64,
+                )
+            })
+            .collect();
+        runs.insert(STORE_ROWS + 5, run(&keys[1], "completed", 1000001));
+        runs.push(run(&keys[0], "completed", 1000000));
+        let raw = runs
+            .iter()
+            .map(|ev| Ok(RawRun::from_data(serde_json::to_string(ev).unwrap()).unwrap()));
+        let read = store_results(
+            futures::stream::iter(raw.collect::<Vec<_>>()).boxed(),
+            "tgrp_x",
+            &task,
+            Until::End,
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.stored, n as u64 + 2);
+        let stored = task.results(keys.clone()).await.unwrap();
+        let n_of = |json: &str| {
+            let ev = decode_run_row(json, false).unwrap();
+            match ev.output {
+                Some(crate::api::TaskRunOutput::Json { content, .. }) => content["n"].as_i64(),
+                _ => None,
+            }
+        };
+        let found: Vec<Option<i64>> = stored.iter().map(|r| r.as_deref().and_then(n_of)).collect();
+        assert_eq!((found[0], found[1]), (Some(0), Some(1000001)));
+        let others: Vec<usize> = (2..n).filter(|&i| found[i] != Some(i as i64)).collect();
+        assert!(others.is_empty(), "keys stored wrong: {others:?}");
+    }
+
+    #[tokio::test]
     async fn rows_meet_their_stored_results_and_duplicates_share_one() {
         let ledger = Ledger::temporary().unwrap();
         let task = ledger.task("t", "fp").await.unwrap();
@@ -391,7 +480,7 @@ mod tests {
             .unwrap();
             w.write(&batch, keys).unwrap();
         }
-        let spill = Arc::new(w.finish().unwrap());
+        let spill = w.finish().unwrap();
         let claims = task.claim((0..5).map(key).collect()).await.unwrap();
         assert_eq!(
             claims

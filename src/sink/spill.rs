@@ -1,9 +1,11 @@
 //! The spill file: source rows wait here, in order and with their row keys (and the ledger
 //! rows their claims found), while their runs execute, so the results can be joined back to
-//! them without holding the table in memory.
+//! them without holding the table in memory. It can be read while it is written: a reader
+//! gets each batch once it is whole on disk, and waits for the next until the writer
+//! finishes (or stops without finishing, which the reader reports).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,21 +36,40 @@ pub enum SpillError {
         #[source]
         source: ArrowError,
     },
+    /// The writer stopped before the end (the submission that wrote it failed).
+    #[error("spill file {path}: its writer stopped before the last row")]
+    Abandoned { path: PathBuf },
+}
+
+/// How far a spill's writer has got: whole batches on disk, their rows, and whether more
+/// may come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Progress {
+    batches: u64,
+    rows: u64,
+    state: WriterState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriterState {
+    Writing,
+    Finished,
+    Abandoned,
 }
 
 /// Writes source batches, each with its row keys, to a temporary Arrow IPC stream file.
 pub struct SpillWriter {
     writer: StreamWriter<BufWriter<File>>,
-    path: TempPath,
+    spill: Arc<Spill>,
     schema: SchemaRef,
-    rows: u64,
+    progress: Progress,
 }
 
 impl std::fmt::Debug for SpillWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpillWriter")
-            .field("path", &self.path.to_path_buf())
-            .field("rows", &self.rows)
+            .field("path", &self.spill.path.to_path_buf())
+            .field("rows", &self.progress.rows)
             .finish()
     }
 }
@@ -72,27 +93,46 @@ impl SpillWriter {
         fields.push(Field::new(ROW_KEY_COLUMN, DataType::Utf8, false));
         fields.push(Field::new(LEDGER_ROW_COLUMN, DataType::Int64, true));
         let schema = Arc::new(Schema::new(fields));
-        let writer = StreamWriter::try_new(BufWriter::new(file), &schema).map_err(|source| {
-            SpillError::Arrow {
-                path: path.to_path_buf(),
-                source,
-            }
+        let arrow_err = |source| SpillError::Arrow {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut writer = StreamWriter::try_new(BufWriter::new(file), &schema).map_err(arrow_err)?;
+        // The schema on disk: a reader starts with it.
+        writer.get_mut().flush().map_err(|source| SpillError::Io {
+            path: path.to_path_buf(),
+            source,
         })?;
+        let progress = Progress {
+            batches: 0,
+            rows: 0,
+            state: WriterState::Writing,
+        };
         Ok(SpillWriter {
             writer,
-            path,
+            spill: Arc::new(Spill {
+                path,
+                progress: tokio::sync::watch::Sender::new(progress),
+            }),
             schema,
-            rows: 0,
+            progress,
         })
     }
 
+    /// The file being written, for reading while it is.
+    pub fn spill(&self) -> Arc<Spill> {
+        self.spill.clone()
+    }
+
     /// Appends `batch` with one row key per row.
+    #[cfg(test)]
     pub fn write(&mut self, batch: &RecordBatch, row_keys: Vec<String>) -> Result<(), SpillError> {
         let rows = vec![None; row_keys.len()];
         self.write_with_rows(batch, row_keys, rows)
     }
 
-    /// Appends `batch` with one row key and one ledger row (see [`LEDGER_ROW_COLUMN`]) per row.
+    /// Appends `batch` with one row key and one ledger row (see [`LEDGER_ROW_COLUMN`]) per
+    /// row, and makes it readable.
     pub fn write_with_rows(
         &mut self,
         batch: &RecordBatch,
@@ -102,45 +142,71 @@ impl SpillWriter {
         let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
         cols.push(Arc::new(StringArray::from(row_keys)));
         cols.push(Arc::new(Int64Array::from(ledger_rows)));
-        let err = |source| SpillError::Arrow {
-            path: self.path.to_path_buf(),
-            source,
-        };
-        let spilled = RecordBatch::try_new(self.schema.clone(), cols).map_err(err)?;
-        self.writer.write(&spilled).map_err(err)?;
-        self.rows += batch.num_rows() as u64;
+        let path = || self.spill.path.to_path_buf();
+        let spilled = RecordBatch::try_new(self.schema.clone(), cols).map_err(|source| {
+            SpillError::Arrow {
+                path: path(),
+                source,
+            }
+        })?;
+        self.writer
+            .write(&spilled)
+            .map_err(|source| SpillError::Arrow {
+                path: path(),
+                source,
+            })?;
+        self.writer
+            .get_mut()
+            .flush()
+            .map_err(|source| SpillError::Io {
+                path: path(),
+                source,
+            })?;
+        self.progress.batches += 1;
+        self.progress.rows += batch.num_rows() as u64;
+        self.spill.progress.send_replace(self.progress);
         Ok(())
     }
 
     /// Rows written so far.
     pub fn rows(&self) -> u64 {
-        self.rows
+        self.progress.rows
     }
 
-    /// Closes the file; it is deleted when the returned [`Spill`] is dropped.
-    pub fn finish(mut self) -> Result<Spill, SpillError> {
-        let path = self.path.to_path_buf();
+    /// Closes the file; it is deleted when the last [`Spill`] handle is dropped.
+    pub fn finish(mut self) -> Result<Arc<Spill>, SpillError> {
+        let path = self.spill.path.to_path_buf();
         self.writer
             .finish()
             .map_err(|source| SpillError::Arrow { path, source })?;
-        Ok(Spill {
-            path: self.path,
-            rows: self.rows,
-        })
+        self.progress.state = WriterState::Finished;
+        self.spill.progress.send_replace(self.progress);
+        Ok(self.spill.clone())
     }
 }
 
-/// A finished spill file. Dropping it deletes the file.
+impl Drop for SpillWriter {
+    fn drop(&mut self) {
+        if self.progress.state == WriterState::Writing {
+            self.spill
+                .progress
+                .send_modify(|p| p.state = WriterState::Abandoned);
+        }
+    }
+}
+
+/// A spill file, finished or still being written. Dropping the last handle deletes the
+/// file.
 #[derive(Debug)]
 pub struct Spill {
     path: TempPath,
-    rows: u64,
+    progress: tokio::sync::watch::Sender<Progress>,
 }
 
 impl Spill {
-    /// Rows in the file.
+    /// Rows in the file so far.
     pub fn rows(&self) -> u64 {
-        self.rows
+        self.progress.borrow().rows
     }
 
     /// Reads the batches back in the order written; the last two columns hold the row keys
@@ -157,26 +223,60 @@ impl Spill {
                 source,
             }
         })?;
-        Ok(SpillReader { reader, path })
+        Ok(SpillReader {
+            reader,
+            path,
+            progress: self.progress.subscribe(),
+            read: 0,
+        })
     }
 }
 
-/// Iterates a spill file's batches.
+/// Iterates a spill file's batches, waiting for the writer where it has not got yet.
 pub struct SpillReader {
     reader: StreamReader<BufReader<File>>,
     path: PathBuf,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    /// Batches read so far.
+    read: u64,
 }
 
 impl SpillReader {
-    /// The next batch, or `None` at the end.
-    pub fn next_batch(&mut self) -> Result<Option<RecordBatch>, SpillError> {
-        self.reader
-            .next()
-            .transpose()
-            .map_err(|source| SpillError::Arrow {
-                path: self.path.clone(),
-                source,
-            })
+    /// The next batch, once it is whole on disk; `None` at the end of a finished file.
+    pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, SpillError> {
+        loop {
+            let written = *self.progress.borrow_and_update();
+            if self.read < written.batches {
+                self.read += 1;
+                return match self.reader.next() {
+                    Some(Ok(b)) => Ok(Some(b)),
+                    Some(Err(source)) => Err(SpillError::Arrow {
+                        path: self.path.clone(),
+                        source,
+                    }),
+                    None => Err(SpillError::Io {
+                        path: self.path.clone(),
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    }),
+                };
+            }
+            match written.state {
+                WriterState::Finished => return Ok(None),
+                WriterState::Abandoned => {
+                    return Err(SpillError::Abandoned {
+                        path: self.path.clone(),
+                    });
+                }
+                // The sender lives in the `Spill`, which this reader's owner holds.
+                WriterState::Writing => {
+                    if self.progress.changed().await.is_err() {
+                        return Err(SpillError::Abandoned {
+                            path: self.path.clone(),
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -185,11 +285,14 @@ mod tests {
     use super::*;
     use arrow::array::AsArray;
 
-    #[test]
-    fn rows_come_back_in_order_and_the_file_goes_away() {
-        let batch =
-            RecordBatch::try_from_iter([("n", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef)])
-                .unwrap();
+    fn numbers(n: &[i64]) -> RecordBatch {
+        RecordBatch::try_from_iter([("n", Arc::new(Int64Array::from(n.to_vec())) as ArrayRef)])
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rows_come_back_in_order_and_the_file_goes_away() {
+        let batch = numbers(&[1, 2]);
         let mut w = SpillWriter::create(None, &batch.schema()).unwrap();
         w.write(&batch, vec!["0:a".into(), "1:b".into()]).unwrap();
         w.write(&batch.slice(1, 1), vec!["2:c".into()]).unwrap();
@@ -197,14 +300,52 @@ mod tests {
         assert_eq!(spill.rows(), 3);
         let path = spill.path.to_path_buf();
         let mut r = spill.reader().unwrap();
-        let a = r.next_batch().unwrap().unwrap();
+        let a = r.next_batch().await.unwrap().unwrap();
         assert_eq!(a.column(1).as_string::<i32>().value(1), "1:b");
         assert_eq!(a.column(2).null_count(), 2);
-        let b = r.next_batch().unwrap().unwrap();
+        let b = r.next_batch().await.unwrap().unwrap();
         assert_eq!(b.num_rows(), 1);
-        assert!(r.next_batch().unwrap().is_none());
+        assert!(r.next_batch().await.unwrap().is_none());
         drop(r);
         drop(spill);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_reader_follows_the_writer_and_hears_when_it_stops() {
+        let mut w = SpillWriter::create(None, &numbers(&[]).schema()).unwrap();
+        let spill = w.spill();
+        let mut r = spill.reader().unwrap();
+        let reading = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(b) = r.next_batch().await.unwrap() {
+                seen.push(
+                    b.column(0)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(0),
+                );
+            }
+            seen
+        });
+        for i in 0..5 {
+            // The reader has read every batch so far and waits for the next.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            assert!(!reading.is_finished());
+            w.write(&numbers(&[i]), vec![format!("{i}:k")]).unwrap();
+        }
+        w.finish().unwrap();
+        assert_eq!(reading.await.unwrap(), vec![0, 1, 2, 3, 4]);
+
+        // A writer dropped before it finishes: the rows written are read, then the error.
+        let mut w = SpillWriter::create(None, &numbers(&[]).schema()).unwrap();
+        w.write(&numbers(&[7]), vec!["0:k".into()]).unwrap();
+        let spill = w.spill();
+        let mut r = spill.reader().unwrap();
+        drop(w);
+        assert_eq!(r.next_batch().await.unwrap().unwrap().num_rows(), 1);
+        assert!(matches!(
+            r.next_batch().await,
+            Err(SpillError::Abandoned { .. })
+        ));
     }
 }

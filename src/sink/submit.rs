@@ -102,13 +102,16 @@ pub struct SubmitTarget<'a> {
     pub schema: &'a Schema,
     /// Where the spill file goes (the system temp dir when `None`).
     pub spill_dir: Option<&'a Path>,
+    /// Is handed the spill file as soon as it exists, to be read while rows are still
+    /// submitted (see [`Spill::reader`]).
+    pub spilled: Option<tokio::sync::oneshot::Sender<Arc<Spill>>>,
 }
 
 /// What a submission left.
 #[derive(Debug)]
 pub struct Submission {
     /// Every source row, in order, with its input key.
-    pub spill: Spill,
+    pub spill: Arc<Spill>,
     /// This attempt's group of the task, if it has one (runs added now or before an
     /// interruption).
     pub group_id: Option<String>,
@@ -136,6 +139,7 @@ pub async fn submit(
         encoder,
         schema,
         spill_dir,
+        spilled,
     } = target;
     let mut group_id = ledger.group().await?;
     if ledger.should_reconcile() {
@@ -167,6 +171,9 @@ pub async fn submit(
     }
 
     let writer = SpillWriter::create(spill_dir, schema)?;
+    if let Some(spilled) = spilled {
+        let _ = spilled.send(writer.spill());
+    }
     let claims = Arc::new(Mutex::new(ClaimCounts::default()));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<PreparedRunInput>>(CHANNEL_SLICES);
     let producer = tokio::spawn(produce(

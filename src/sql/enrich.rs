@@ -195,17 +195,20 @@ struct Shared {
 type SubmittedCell = OnceCell<std::result::Result<Arc<Submitted>, Arc<EnrichError>>>;
 
 struct Submitted {
-    group_id: Option<String>,
+    /// The source rows with their keys, still being written while rows are submitted.
     spill: Arc<Spill>,
     ledger: TaskLedger,
-    claims: ClaimCounts,
-    /// Waiting for the group and storing its results, which go on after submitting.
+    /// The group and the claims, once every row is submitted.
+    totals: tokio::sync::watch::Receiver<Option<Totals>>,
+    /// Submitting, waiting for the group and storing its results, and how that ended.
     reading: tokio::sync::watch::Receiver<Reading>,
 }
 
-/// What submitting hands over once every row is submitted: the group, the spilled rows
-/// and the claims.
-type Handover = (Option<String>, Arc<Spill>, ClaimCounts);
+/// The group (if any) and the claims of a finished submission.
+type Totals = (Option<String>, ClaimCounts);
+
+/// What submitting hands over once every row is submitted, or the error that stopped it.
+type Handover = std::result::Result<Arc<Spill>, Arc<EnrichError>>;
 
 impl fmt::Debug for EnrichTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -480,7 +483,6 @@ impl Shared {
             self.start(limited(sequential(source, context), limit))
                 .await
                 .map(Arc::new)
-                .map_err(Arc::new)
         })
         .await
         .clone()
@@ -488,20 +490,26 @@ impl Shared {
     }
 
     /// Starts the task that submits `input`, waits for the group and stores its results;
-    /// returns once it has submitted every row.
+    /// returns once the rows start being spilled, so that they are joined while the rest
+    /// are still being submitted (a submission that fails, or ends, before that answers
+    /// here; one that fails after, through [`Submitted::reading`]).
     async fn start(
         self: &Arc<Self>,
         input: BoxStream<'static, Result<RecordBatch>>,
-    ) -> std::result::Result<Submitted, EnrichError> {
-        let ledger = self.task_ledger().await?;
-        let (handover, handed) = tokio::sync::oneshot::channel();
+    ) -> std::result::Result<Submitted, Arc<EnrichError>> {
+        let ledger = self.task_ledger().await.map_err(Arc::new)?;
+        let (handover, mut handed) = tokio::sync::oneshot::channel::<Handover>();
+        let (spilled, mut spill) = tokio::sync::oneshot::channel();
+        let (totals_tx, totals) = tokio::sync::watch::channel(None);
         let (reading_tx, reading) = tokio::sync::watch::channel(Reading::Going);
         let (me, task_ledger) = (self.clone(), ledger.clone());
         tokio::spawn(async move {
-            let read = me.submit_and_read(input, task_ledger, handover).await;
+            let read = me
+                .submit_and_read(input, task_ledger, handover, spilled, totals_tx)
+                .await;
             reading_tx.send_replace(match read {
                 Ok(()) => Reading::Done,
-                Err(e) => Reading::Failed(Arc::new(e)),
+                Err(e) => Reading::Failed(e),
             });
         });
         // Followed from the start: if this execution is dropped before every row is
@@ -511,15 +519,18 @@ impl Shared {
         self.options
             .readings
             .follow(&self.task.name, reading.clone());
-        let (group_id, spill, claims) = match handed.await {
-            Ok(handed) => handed?,
-            Err(_) => return Err(EnrichError::Stopped(self.task.name.clone())),
+        let spill = tokio::select! {
+            biased;
+            Ok(spill) = &mut spill => spill,
+            handed = &mut handed => match handed {
+                Ok(handed) => handed?,
+                Err(_) => return Err(Arc::new(EnrichError::Stopped(self.task.name.clone()))),
+            },
         };
         Ok(Submitted {
-            group_id,
             spill,
             ledger,
-            claims,
+            totals,
             reading,
         })
     }
@@ -550,8 +561,10 @@ impl Shared {
         &self,
         input: BoxStream<'static, Result<RecordBatch>>,
         ledger: TaskLedger,
-        handover: tokio::sync::oneshot::Sender<std::result::Result<Handover, EnrichError>>,
-    ) -> std::result::Result<(), EnrichError> {
+        handover: tokio::sync::oneshot::Sender<Handover>,
+        spilled: tokio::sync::oneshot::Sender<Arc<Spill>>,
+        totals: tokio::sync::watch::Sender<Option<Totals>>,
+    ) -> std::result::Result<(), Arc<EnrichError>> {
         let task = &self.task.name;
         let mut metadata = Metadata::new();
         metadata.insert(GROUP_TASK_KEY.into(), task.clone().into());
@@ -563,6 +576,7 @@ impl Shared {
             encoder: self.encoder.clone(),
             schema: &self.source_schema,
             spill_dir: self.options.spill_dir.as_deref(),
+            spilled: Some(spilled),
         };
         // Runs that have ended are read and stored from the moment the group exists, while
         // rows are still being submitted and while the group runs; `done` ends that.
@@ -595,7 +609,8 @@ impl Shared {
                         runs_added,
                         event_cursor,
                     } = s;
-                    let _ = handover.send(Ok((group_id.clone(), Arc::new(spill), claims)));
+                    totals.send_replace(Some((group_id.clone(), claims)));
+                    let _ = handover.send(Ok(spill));
                     let to_read = self
                         .wait(
                             group_id.as_deref(),
@@ -605,14 +620,17 @@ impl Shared {
                             &ledger,
                         )
                         .await;
-                    to_read.map(|to_read| (group_id, runs_added, claims, to_read))
+                    to_read
+                        .map(|to_read| (group_id, runs_added, claims, to_read))
+                        .map_err(Arc::new)
                 }
-                // The execution that started this has the error; with none left, the
-                // reading fails with it.
-                Err(e) => Err(match handover.send(Err(e)) {
-                    Err(Err(e)) => e,
-                    _ => EnrichError::Stopped(task.clone()),
-                }),
+                // To the execution still waiting for the submission, if any, and to the
+                // reading, which the joins started meanwhile follow.
+                Err(e) => {
+                    let e = Arc::new(e);
+                    let _ = handover.send(Err(e.clone()));
+                    Err(e)
+                }
             };
             let _ = done_tx.send(true);
             waited
@@ -638,9 +656,11 @@ impl Shared {
             );
             store_results(runs, g, &ledger, Until::End)
                 .await
-                .map_err(|source| EnrichError::Results {
-                    task: task.clone(),
-                    source,
+                .map_err(|source| {
+                    Arc::new(EnrichError::Results {
+                        task: task.clone(),
+                        source,
+                    })
                 })?;
         }
         Ok(())
@@ -761,12 +781,14 @@ impl Shared {
     fn results(&self, s: &Submitted, with_basis: bool) -> BoxStream<'static, Result<RecordBatch>> {
         // While the group runs, its progress is what is shown (the reading reports this
         // phase once the group is done).
-        if matches!(*s.reading.borrow(), Reading::Done) {
+        if let (Reading::Done, Some((group_id, claims))) =
+            (&*s.reading.borrow(), &*s.totals.borrow())
+        {
             self.report(
-                s.group_id.as_deref(),
+                group_id.as_deref(),
                 Phase::Reading,
-                s.claims.submit,
-                s.claims,
+                claims.submit,
+                *claims,
                 None,
             );
         }
