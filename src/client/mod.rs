@@ -31,7 +31,8 @@ pub use error::{ApiError, ClientError};
 pub use http::{Client, ClientStats};
 pub use row_key::{LEDGER_ROW, ROW_KEY, derive_row_key, row_key_of, row_key_value};
 pub use streams::{
-    RawRun, RunsQuery, decode_run_row, decode_run_state, decode_run_state_without_basis,
+    RawRun, RowEvent, RowOutput, RunsQuery, decode_run_row, decode_run_state,
+    decode_run_state_without_basis, read_row_event,
 };
 pub(crate) use submit::AbortOnDrop;
 pub use submit::{AddedBatch, PreparedMetadata, PreparedRunInput, RunInputBody};

@@ -270,6 +270,91 @@ pub fn decode_run_row(data: &str, basis: bool) -> Result<TaskRunEvent, serde_jso
     }
 }
 
+/// A run's event as a result row reads it (see [`decode_run_row`]), with a JSON output's
+/// content kept as the text it came in: the Arrow decoder reads that text itself, so the
+/// content is never built into a `serde_json` tree and written out again.
+#[derive(Debug)]
+pub struct RowEvent<'a> {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub error: Option<ErrorObject>,
+    pub output: Option<RowOutput<'a>>,
+}
+
+/// A [`RowEvent`]'s output.
+#[derive(Debug)]
+pub enum RowOutput<'a> {
+    Json {
+        content: &'a RawValue,
+        basis: Vec<FieldBasis>,
+    },
+    Text {
+        content: String,
+        basis: Vec<FieldBasis>,
+    },
+}
+
+/// Reads a run's event as a [`RowEvent`] (its basis only when `basis` is set); `None` when
+/// the event is not of the usual shape, which [`decode_run_row`] then reads, or names the
+/// problem of.
+pub fn read_row_event(data: &str, basis: bool) -> Option<RowEvent<'_>> {
+    fn lean<'a, B>(data: &'a str) -> Option<RowEvent<'a>>
+    where
+        B: Deserialize<'a> + Default + Into<Vec<FieldBasis>>,
+    {
+        let w = serde_json::from_str::<RowEventRawWire<'a, B>>(data).ok()?;
+        let output = match w.output {
+            None => None,
+            Some(o) => {
+                let content = o.content?;
+                Some(match o.kind {
+                    "json" => RowOutput::Json {
+                        content,
+                        basis: o.basis.into(),
+                    },
+                    "text" => RowOutput::Text {
+                        content: serde_json::from_str(content.get()).ok()?,
+                        basis: o.basis.into(),
+                    },
+                    _ => return None,
+                })
+            }
+        };
+        Some(RowEvent {
+            run_id: w.run.run_id,
+            status: w.run.status,
+            error: w.run.error,
+            output,
+        })
+    }
+    if basis {
+        lean::<Vec<FieldBasis>>(data)
+    } else {
+        lean::<SkippedBasis>(data)
+    }
+}
+
+/// A run's event as [`read_row_event`] reads it.
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "B: Deserialize<'de> + Default"))]
+struct RowEventRawWire<'a, B> {
+    run: RowRun,
+    #[serde(default, borrow)]
+    output: Option<RawOutputWire<'a, B>>,
+}
+
+/// An output with its content as text; other fields than these are scanned past.
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "B: Deserialize<'de> + Default"))]
+struct RawOutputWire<'a, B> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(default)]
+    basis: B,
+}
+
 /// A run's event as [`decode_run_row`] reads it.
 #[derive(Deserialize)]
 struct RowEventWire<B> {

@@ -14,9 +14,11 @@ use arrow::json::ReaderBuilder;
 use arrow::json::reader::Decoder;
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::schema::{EnumRule, OutputSchema};
-use crate::api::{FieldBasis, RunStatus, TaskRunEvent, TaskRunOutput};
+use crate::api::{ErrorObject, FieldBasis, RunStatus, TaskRunEvent, TaskRunOutput};
+use crate::client::{RowEvent, RowOutput};
 
 /// `run_status` of a completed run whose output does not fit the output schema.
 pub const STATUS_INVALID_OUTPUT: &str = "invalid_output";
@@ -68,6 +70,70 @@ pub fn run_fields() -> Vec<Field> {
     ]
 }
 
+/// What [`ResultDecoder::decode`] reads of a run: a run as the API sends it
+/// ([`TaskRunEvent`]), or as the join reads it from the ledger ([`RowEvent`]).
+pub trait ResultRow {
+    fn run_id(&self) -> &str;
+    fn status(&self) -> &RunStatus;
+    fn error(&self) -> Option<&ErrorObject>;
+    /// The output's content; `None` without an output.
+    fn content(&self) -> Option<Content<'_>>;
+    /// The output's basis; `None` without an output.
+    fn basis(&self) -> Option<&[FieldBasis]>;
+}
+
+/// An output's content: a JSON value, as a tree or as the text it came in, or text.
+#[derive(Clone, Copy, Debug)]
+pub enum Content<'a> {
+    Tree(&'a Value),
+    Json(&'a RawValue),
+    Text(&'a str),
+}
+
+impl ResultRow for TaskRunEvent {
+    fn run_id(&self) -> &str {
+        &self.run.run_id
+    }
+    fn status(&self) -> &RunStatus {
+        &self.run.status
+    }
+    fn error(&self) -> Option<&ErrorObject> {
+        self.run.error.as_ref()
+    }
+    fn content(&self) -> Option<Content<'_>> {
+        self.output.as_ref().map(|o| match o {
+            TaskRunOutput::Json { content, .. } => Content::Tree(content),
+            TaskRunOutput::Text { content, .. } => Content::Text(content),
+        })
+    }
+    fn basis(&self) -> Option<&[FieldBasis]> {
+        self.output.as_ref().map(TaskRunOutput::basis)
+    }
+}
+
+impl ResultRow for RowEvent<'_> {
+    fn run_id(&self) -> &str {
+        &self.run_id
+    }
+    fn status(&self) -> &RunStatus {
+        &self.status
+    }
+    fn error(&self) -> Option<&ErrorObject> {
+        self.error.as_ref()
+    }
+    fn content(&self) -> Option<Content<'_>> {
+        self.output.as_ref().map(|o| match o {
+            RowOutput::Json { content, .. } => Content::Json(content),
+            RowOutput::Text { content, .. } => Content::Text(content),
+        })
+    }
+    fn basis(&self) -> Option<&[FieldBasis]> {
+        self.output.as_ref().map(|o| match o {
+            RowOutput::Json { basis, .. } | RowOutput::Text { basis, .. } => basis.as_slice(),
+        })
+    }
+}
+
 /// Turns runs into the result columns: one per output property, then [`run_fields`].
 pub struct ResultDecoder {
     output: OutputSchema,
@@ -75,6 +141,8 @@ pub struct ResultDecoder {
     basis_schema: SchemaRef,
     /// False: the `basis` column is all nulls (nobody reads it), and is not decoded.
     with_basis: bool,
+    /// JSON outputs as text, gathered for the Arrow decoder; kept from one call to the next.
+    text: Vec<u8>,
 }
 
 impl std::fmt::Debug for ResultDecoder {
@@ -100,6 +168,7 @@ impl ResultDecoder {
             output_columns,
             basis_schema,
             with_basis: true,
+            text: Vec::new(),
         }
     }
 
@@ -128,13 +197,16 @@ impl ResultDecoder {
     }
 
     /// One row per entry of `runs`, in order; `None` is a row with no run in the group.
-    pub fn decode(&mut self, runs: &[Option<&TaskRunEvent>]) -> Result<Vec<ArrayRef>, ArrowError> {
+    pub fn decode<R: ResultRow>(
+        &mut self,
+        runs: &[Option<&R>],
+    ) -> Result<Vec<ArrayRef>, ArrowError> {
         let n = runs.len();
         let mut status: Vec<Option<String>> = Vec::with_capacity(n);
         let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
         let mut run_ids = StringBuilder::with_capacity(n, n * 40);
         // Rows whose output should be decoded, by position.
-        let mut candidates: Vec<(usize, &TaskRunOutput)> = Vec::with_capacity(n);
+        let mut candidates: Vec<(usize, Content<'_>)> = Vec::with_capacity(n);
         for (i, run) in runs.iter().enumerate() {
             let Some(ev) = run else {
                 run_ids.append_null();
@@ -142,24 +214,24 @@ impl ResultDecoder {
                 errors.push(Some("the group holds no run for this row".into()));
                 continue;
             };
-            run_ids.append_value(&ev.run.run_id);
-            match (&ev.run.status, &ev.output) {
-                (RunStatus::Completed, Some(out)) => {
-                    status.push(Some(ev.run.status.to_string()));
+            run_ids.append_value(ev.run_id());
+            match (ev.status(), ev.content()) {
+                (RunStatus::Completed, Some(content)) => {
+                    status.push(Some(ev.status().to_string()));
                     errors.push(None);
-                    candidates.push((i, out));
+                    candidates.push((i, content));
                 }
                 (RunStatus::Completed, None) => {
                     status.push(Some(STATUS_INVALID_OUTPUT.into()));
                     errors.push(Some("the completed run has no output".into()));
                 }
                 (RunStatus::Failed, _) => {
-                    status.push(Some(ev.run.status.to_string()));
-                    errors.push(Some(run_error_text(ev)));
+                    status.push(Some(ev.status().to_string()));
+                    errors.push(Some(run_error_text(ev.error())));
                 }
                 (other, _) => {
                     status.push(Some(other.to_string()));
-                    errors.push(ev.run.error.as_ref().map(|e| e.message.clone()));
+                    errors.push(ev.error().map(|e| e.message.clone()));
                 }
             }
         }
@@ -178,9 +250,9 @@ impl ResultDecoder {
 
     /// Output columns for `n` rows, and which rows got an output.
     fn decode_outputs(
-        &self,
+        &mut self,
         n: usize,
-        candidates: &[(usize, &TaskRunOutput)],
+        candidates: &[(usize, Content<'_>)],
         status: &mut [Option<String>],
         errors: &mut [Option<String>],
     ) -> Result<(Vec<ArrayRef>, Vec<bool>), ArrowError> {
@@ -189,10 +261,13 @@ impl ResultDecoder {
             OutputSchema::Text => {
                 let mut b = StringBuilder::with_capacity(n, 64 * candidates.len());
                 let mut texts: Vec<Option<String>> = vec![None; n];
-                for (i, out) in candidates {
-                    texts[*i] = Some(match out {
-                        TaskRunOutput::Text { content, .. } => content.clone(),
-                        TaskRunOutput::Json { content, .. } => content.to_string(),
+                for (i, content) in candidates {
+                    texts[*i] = Some(match content {
+                        Content::Text(t) => t.to_string(),
+                        Content::Tree(v) => v.to_string(),
+                        // As a tree writes it, whatever spacing the text had.
+                        Content::Json(raw) => serde_json::from_str::<Value>(raw.get())
+                            .map_or_else(|_| raw.get().to_string(), |v| v.to_string()),
                     });
                     has_output[*i] = true;
                 }
@@ -202,24 +277,32 @@ impl ResultDecoder {
                 Ok((vec![Arc::new(b.finish())], has_output))
             }
             OutputSchema::Json { decode, enums } => {
-                let mut rows: Vec<(usize, &Value)> = Vec::with_capacity(candidates.len());
-                for (i, out) in candidates {
-                    match out {
-                        TaskRunOutput::Json { content, .. } => match enum_violation(enums, content)
-                        {
-                            None => rows.push((*i, content)),
-                            Some(e) => {
-                                status[*i] = Some(STATUS_INVALID_OUTPUT.into());
-                                errors[*i] = Some(format!("output does not fit the schema: {e}"));
-                            }
-                        },
-                        TaskRunOutput::Text { .. } => {
+                let mut rows: Vec<(usize, Content<'_>)> = Vec::with_capacity(candidates.len());
+                for (i, content) in candidates {
+                    let violation = match content {
+                        Content::Text(_) => {
                             status[*i] = Some(STATUS_INVALID_OUTPUT.into());
                             errors[*i] = Some("expected a JSON output, got text".into());
+                            continue;
+                        }
+                        Content::Tree(v) => enum_violation(enums, v),
+                        // Parsed into a tree only when there are enum rules to check.
+                        Content::Json(_) if enums.is_empty() => None,
+                        Content::Json(raw) => match serde_json::from_str::<Value>(raw.get()) {
+                            Ok(v) => enum_violation(enums, &v),
+                            Err(e) => Some(e.to_string()),
+                        },
+                    };
+                    match violation {
+                        None => rows.push((*i, *content)),
+                        Some(e) => {
+                            status[*i] = Some(STATUS_INVALID_OUTPUT.into());
+                            errors[*i] = Some(format!("output does not fit the schema: {e}"));
                         }
                     }
                 }
-                let (batch, positions) = decode_tolerant(decode, &rows, status, errors)?;
+                let (batch, positions) =
+                    decode_tolerant(decode, &rows, status, errors, &mut self.text)?;
                 // Scatter the decoded rows back to their positions; other rows get nulls.
                 let mut index: Vec<Option<u32>> = vec![None; n];
                 for (k, pos) in positions.iter().enumerate() {
@@ -237,9 +320,9 @@ impl ResultDecoder {
         }
     }
 
-    fn decode_basis(
+    fn decode_basis<R: ResultRow>(
         &self,
-        runs: &[Option<&TaskRunEvent>],
+        runs: &[Option<&R>],
         has_output: &[bool],
     ) -> Result<ArrayRef, ArrowError> {
         if !self.with_basis {
@@ -250,7 +333,7 @@ impl ResultDecoder {
             .zip(has_output)
             .map(|(r, ok)| BasisRow {
                 basis: match (r, ok) {
-                    (Some(ev), true) => ev.output.as_ref().map(TaskRunOutput::basis),
+                    (Some(ev), true) => ev.basis(),
                     _ => None,
                 },
             })
@@ -283,8 +366,8 @@ fn enum_violation(rules: &[EnumRule], content: &Value) -> Option<String> {
 }
 
 /// The text of a failed run's `run_error`.
-fn run_error_text(ev: &TaskRunEvent) -> String {
-    match &ev.run.error {
+fn run_error_text(error: Option<&ErrorObject>) -> String {
+    match error {
         Some(e) if !e.message.is_empty() => e.message.clone(),
         _ => "the run failed without an error message".into(),
     }
@@ -297,42 +380,93 @@ fn decoder(schema: &SchemaRef, rows: usize) -> Result<Decoder, ArrowError> {
         .build_decoder()
 }
 
-/// Decodes `rows` in one pass; if any row does not fit, decodes row by row, marks the rows
-/// that fail as invalid, and keeps the rest. Returns the batch and each batch row's position.
+/// Decodes `rows` (JSON contents) in one pass; if any row does not fit, decodes row by row,
+/// marks the rows that fail as invalid, and keeps the rest. Returns the batch and each batch
+/// row's position.
 fn decode_tolerant(
     schema: &SchemaRef,
-    rows: &[(usize, &Value)],
+    rows: &[(usize, Content<'_>)],
     status: &mut [Option<String>],
     errors: &mut [Option<String>],
+    text: &mut Vec<u8>,
 ) -> Result<(RecordBatch, Vec<usize>), ArrowError> {
-    let values: Vec<&Value> = rows.iter().map(|r| r.1).collect();
-    let mut d = decoder(schema, values.len())?;
-    let whole = d.serialize(&values).and_then(|_| d.flush());
+    let mut d = decoder(schema, rows.len())?;
+    let whole = feed(&mut d, rows, text).and_then(|_| d.flush());
     if let Ok(batch) = whole {
         let batch = batch.unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
         return Ok((batch, rows.iter().map(|r| r.0).collect()));
     }
     let mut batches = Vec::new();
     let mut positions = Vec::new();
-    for (pos, value) in rows {
+    for row in rows {
         // A failed decode leaves the decoder's buffer dirty: a fresh one per row.
         let mut d = decoder(schema, 1)?;
-        match d
-            .serialize(std::slice::from_ref(value))
-            .and_then(|_| d.flush())
-        {
+        match feed(&mut d, std::slice::from_ref(row), text).and_then(|_| d.flush()) {
             Ok(Some(b)) => {
                 batches.push(b);
-                positions.push(*pos);
+                positions.push(row.0);
             }
             Ok(None) => {}
             Err(e) => {
-                status[*pos] = Some(STATUS_INVALID_OUTPUT.into());
-                errors[*pos] = Some(format!("output does not fit the schema: {e}"));
+                status[row.0] = Some(STATUS_INVALID_OUTPUT.into());
+                errors[row.0] = Some(format!("output does not fit the schema: {e}"));
             }
         }
     }
     Ok((concat_batches(schema, &batches)?, positions))
+}
+
+/// Hands `rows` to `d` in order: trees through `serialize`, JSON text through `decode`,
+/// consecutive rows of one kind in one call (`text` gathers the text, and is left empty).
+fn feed(
+    d: &mut Decoder,
+    rows: &[(usize, Content<'_>)],
+    text: &mut Vec<u8>,
+) -> Result<(), ArrowError> {
+    text.clear();
+    let mut trees: Vec<&Value> = Vec::new();
+    for (_, content) in rows {
+        match content {
+            Content::Tree(v) => {
+                decode_all(d, text)?;
+                trees.push(v);
+            }
+            Content::Json(raw) => {
+                if !trees.is_empty() {
+                    d.serialize(&trees)?;
+                    trees.clear();
+                }
+                text.extend_from_slice(raw.get().as_bytes());
+                text.push(b'\n');
+            }
+            Content::Text(_) => {
+                return Err(ArrowError::JsonError(
+                    "expected a JSON output, got text".into(),
+                ));
+            }
+        }
+    }
+    if !trees.is_empty() {
+        d.serialize(&trees)?;
+    }
+    decode_all(d, text)
+}
+
+/// Has `d` read the JSON values in `text`, then empties it.
+fn decode_all(d: &mut Decoder, text: &mut Vec<u8>) -> Result<(), ArrowError> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    let read = d.decode(text)?;
+    // The decoder stops once it holds as many rows as it was sized for, before the
+    // separator after the last.
+    if !text[read..].iter().all(u8::is_ascii_whitespace) {
+        return Err(ArrowError::JsonError(
+            "more outputs than the decoder was sized for".into(),
+        ));
+    }
+    text.clear();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -422,6 +556,103 @@ mod tests {
             lines[8].contains("invalid_output") && lines[8].contains("`tier` is \"c\""),
             "{t}"
         );
+    }
+
+    #[test]
+    fn runs_read_with_their_content_as_text_decode_as_their_trees_do() {
+        let schema = json!({"type": "object", "properties": {
+            "n": {"type": "integer"},
+            "x": {"type": "number"},
+            "tier": {"enum": ["a", "b"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "day": {"type": "string", "format": "date"}
+        }, "required": ["n"]});
+        let run = |id: &str, status: &str| {
+            json!({"run_id": id, "status": status, "is_active": false, "metadata": {"k": 1},
+                   "error": if status == "failed" { json!({"ref_id": "r", "message": "boom"}) }
+                            else { json!(null) }})
+        };
+        let with = |id: &str, output: Value| json!({"run": run(id, "completed"), "output": output});
+        let basis = json!([{"field": "n", "reasoning": "r", "confidence": "high",
+                            "citations": [{"url": "https://a", "title": "t", "excerpts": ["x"]}]}]);
+        let events: Vec<String> = vec![
+            with(
+                "trun_1",
+                json!({"type": "json", "basis": basis,
+                "content": {"n": 1, "x": 2.5, "tags": ["é", "😀", "a\"b"], "day": "2024-02-29"}}),
+            ),
+            with(
+                "trun_2",
+                json!({"type": "json", "basis": [], "content": {"n": "many"}}),
+            ),
+            with(
+                "trun_3",
+                json!({"type": "json", "basis": [], "content": {"tags": []}}),
+            ),
+            with(
+                "trun_4",
+                json!({"type": "json", "basis": [], "content": {"n": 5, "tier": "c"}}),
+            ),
+            with(
+                "trun_5",
+                json!({"type": "json", "basis": [], "content": {"n": 6, "tier": "b"}}),
+            ),
+            with(
+                "trun_6",
+                json!({"type": "json", "basis": [], "content": {"n": 1.0, "x": 1e2}}),
+            ),
+            with(
+                "trun_7",
+                json!({"type": "json", "basis": [], "content": [1, 2]}),
+            ),
+            with(
+                "trun_8",
+                json!({"type": "text", "basis": basis, "content": "plain words"}),
+            ),
+            json!({"run": run("trun_9", "failed")}),
+            json!({"run": run("trun_10", "completed")}),
+        ]
+        .into_iter()
+        .map(|v| v.to_string())
+        // Spacing that a tree would not keep.
+        .chain([
+            r#"{"run": {"run_id": "trun_11", "status": "completed", "is_active": false},
+                  "output": {"type": "json", "basis": [], "content": { "n" : 7 , "x" : 1e2 ,
+                  "tags" : [ "p" , "q\u00e9" ] } }}"#
+                .to_string(),
+        ])
+        .collect();
+        for output in [
+            OutputSchema::from_task_output(&schema, "output").unwrap(),
+            OutputSchema::Text,
+        ] {
+            for basis in [true, false] {
+                let as_text: Vec<_> = events
+                    .iter()
+                    .map(|e| crate::client::read_row_event(e, basis).expect("the usual shape"))
+                    .collect();
+                let as_trees: Vec<TaskRunEvent> = events
+                    .iter()
+                    .map(|e| crate::client::decode_run_row(e, basis).unwrap())
+                    .collect();
+                let mut rows_text: Vec<Option<&RowEvent<'_>>> = as_text.iter().map(Some).collect();
+                let mut rows_trees: Vec<Option<&TaskRunEvent>> =
+                    as_trees.iter().map(Some).collect();
+                rows_text.insert(3, None);
+                rows_trees.insert(3, None);
+                let mut dec = ResultDecoder::new(output.clone()).with_basis(basis);
+                let text = dec.decode(&rows_text).unwrap();
+                let trees = dec.decode(&rows_trees).unwrap();
+                let schema = Arc::new(Schema::new(dec.fields()));
+                let show = |cols| {
+                    let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
+                    pretty_format_batches(&[batch]).unwrap().to_string()
+                };
+                let (text, trees) = (show(text), show(trees));
+                assert_eq!(text, trees);
+                assert!(text.contains("missing") && text.contains("boom"), "{text}");
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,10 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 
 use super::decode::ResultDecoder;
 use crate::api::{RunStatus, TaskRunEvent};
-use crate::client::{AbortOnDrop, ClientError, ROW_KEY, RawRun, decode_run_row, row_key_value};
+use crate::client::{
+    AbortOnDrop, ClientError, ROW_KEY, RawRun, RowEvent, decode_run_row, read_row_event,
+    row_key_value,
+};
 use crate::ledger::{LedgerError, StoredResult, TaskLedger};
 use crate::sink::spill::{Spill, SpillError};
 
@@ -225,22 +228,50 @@ pub fn join_results(
         let fetching = AbortOnDrop(tokio::spawn(fetch));
         while let Some(fetched) = rx.recv().await {
             let (batch, keys, stored) = fetched?;
-            let mut events = Vec::with_capacity(stored.len());
-            for (key, json) in keys.iter().zip(stored) {
-                events.push(match json {
-                    Some(j) => Some(decode_run_row(&j, with_basis).map_err(|e| {
-                        JoinError::Stored { key: key.clone(), message: e.to_string() }
-                    })?),
-                    None => None,
-                });
-            }
-            let rows: Vec<Option<&TaskRunEvent>> = events.iter().map(Option::as_ref).collect();
             let mut cols = batch.columns()[..key_column(&batch)].to_vec();
-            cols.extend(decoder.decode(&rows)?);
+            cols.extend(decode_stored(&mut decoder, &keys, stored, with_basis).map_err(|e| *e)?);
             yield RecordBatch::try_new(schema.clone(), cols)?;
         }
         drop(fetching);
     }
+}
+
+/// The decoder's columns for one slice of stored results (`None`: no result), each read
+/// with its output's content as the text it is stored as (the results are dropped here, not
+/// kept while the batch is used); if any is not of the usual shape,
+/// the whole slice is read as [`TaskRunEvent`]s instead, which names what is wrong with a
+/// result that cannot be read at all.
+fn decode_stored(
+    decoder: &mut ResultDecoder,
+    keys: &[String],
+    stored: Vec<Option<String>>,
+    with_basis: bool,
+) -> Result<Vec<arrow::array::ArrayRef>, Box<JoinError>> {
+    let lean: Option<Vec<Option<RowEvent<'_>>>> = stored
+        .iter()
+        .map(|json| match json {
+            Some(j) => read_row_event(j, with_basis).map(Some),
+            None => Some(None),
+        })
+        .collect();
+    if let Some(rows) = lean {
+        let rows: Vec<Option<&RowEvent<'_>>> = rows.iter().map(Option::as_ref).collect();
+        return decoder.decode(&rows).map_err(|e| Box::new(e.into()));
+    }
+    let mut events = Vec::with_capacity(stored.len());
+    for (key, json) in keys.iter().zip(stored) {
+        events.push(match json {
+            Some(j) => Some(decode_run_row(&j, with_basis).map_err(|e| {
+                Box::new(JoinError::Stored {
+                    key: key.clone(),
+                    message: e.to_string(),
+                })
+            })?),
+            None => None,
+        });
+    }
+    let rows: Vec<Option<&TaskRunEvent>> = events.iter().map(Option::as_ref).collect();
+    decoder.decode(&rows).map_err(|e| Box::new(e.into()))
 }
 
 /// Whether every result is stored (`reading` is done); the error once storing failed.
