@@ -589,6 +589,15 @@ impl Ledger {
         .await
     }
 
+    /// Copies the write-ahead log into the database and empties it: done by the ledger's
+    /// last close otherwise. A run's log holds every page its claims and results changed
+    /// (≈ 43 MB at 100k rows), and copying it takes ≈ 0.1 s, which a pipeline spends beside
+    /// writing its outputs rather than after them (see `pipeline::runner`).
+    pub async fn checkpoint(self: &Arc<Self>) -> Result<(), LedgerError> {
+        self.blocking(|c| c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
+            .await
+    }
+
     /// Ends the attempt: its results become the cache of later runs, which start anew.
     pub async fn finish(self: &Arc<Self>) -> Result<(), LedgerError> {
         let attempt = self.attempt;
@@ -1215,14 +1224,6 @@ impl TaskLedger {
                 pause_point(name);
                 Ok(())
             })
-            .await
-    }
-
-    /// Copies the write-ahead log into the database and empties it. Reading many results
-    /// goes faster afterwards: each page read no longer searches the log's index first.
-    pub async fn checkpoint(&self) -> Result<(), LedgerError> {
-        self.ledger
-            .blocking(|c| c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
             .await
     }
 
@@ -1890,7 +1891,7 @@ mod tests {
         t.store_results(stored).await.unwrap();
         let wal = dir.path().join("ledger.sqlite-wal");
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
-        t.checkpoint().await.unwrap();
+        l.checkpoint().await.unwrap();
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
         let read = t.results(ks).await.unwrap();
         assert!(read.iter().all(Option::is_some));

@@ -400,6 +400,12 @@ async fn run_with(
         }
     }
 
+    // Every step is done, so every result is stored: the ledger's log is copied into its
+    // database while the outputs are written, on the core they leave idle, rather than by
+    // the ledger's last close once they are.
+    let checkpoint = ledger
+        .clone()
+        .map(|l| tokio::spawn(async move { l.checkpoint().await }));
     let mut staged = Vec::new();
     for (i, out) in pipeline.spec.outputs.iter().enumerate() {
         let target = output_target(pipeline, i)?;
@@ -412,6 +418,11 @@ async fn run_with(
             .await
             .map_err(|e| RunError::from_step(&out.from, e))?;
         staged.push(output::stage(&target, stream, &work.staging_dir()).await?);
+    }
+    if let Some(c) = checkpoint {
+        c.await
+            .map_err(|e| RunError::Storage(format!("ledger checkpoint: {e}")))?
+            .map_err(|e| RunError::Storage(e.to_string()))?;
     }
     pause_point("output.staged");
     let mut written = Vec::new();

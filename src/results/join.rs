@@ -304,9 +304,6 @@ async fn fetch_stored(
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, JoinError>>,
 ) -> Result<(), JoinError> {
     let mut stored_changes = ledger.stored_changes();
-    // Once every result is stored (by the first slice that sees it), the log is copied into
-    // the database: each lookup after that no longer searches the log's index first.
-    let mut checkpointed = false;
     let mut reader = spill.reader()?;
     loop {
         let spilled = match reader.next_batch().await {
@@ -338,10 +335,6 @@ async fn fetch_stored(
             let lookup = |i: usize| (keys[i].clone(), rows[i]);
             stored_changes.mark_unchanged();
             let mut ended = reading_done(&reading).map_err(JoinError::Reading)?;
-            if ended && !checkpointed {
-                ledger.checkpoint().await?;
-                checkpointed = true;
-            }
             let mut stored = ledger
                 .results_by_row((0..keys.len()).map(lookup).collect(), basis)
                 .await?;
