@@ -95,11 +95,36 @@ pub async fn stage(
     stream: SendableRecordBatchStream,
     staging_dir: &Path,
 ) -> Result<StagedOutput, OutputError> {
+    stage_where(target, stream, staging_dir, false).await
+}
+
+/// [`stage`] into `staging_dir` whatever the target, so that nothing, not even the output's
+/// folder, appears where the output goes before [`StagedOutput::commit`]: for an output
+/// written while its step runs, which may still fail. A local output is then moved into
+/// place when committed (copied, when the two are on different file systems).
+pub async fn stage_early(
+    target: &OutputTarget,
+    stream: SendableRecordBatchStream,
+    staging_dir: &Path,
+) -> Result<StagedOutput, OutputError> {
+    stage_where(target, stream, staging_dir, true).await
+}
+
+async fn stage_where(
+    target: &OutputTarget,
+    stream: SendableRecordBatchStream,
+    staging_dir: &Path,
+    in_staging_dir: bool,
+) -> Result<StagedOutput, OutputError> {
     let io = |source| OutputError::Io {
         path: target.display.clone(),
         source,
     };
     let temp = match &target.place {
+        Location::Local(_) if in_staging_dir => output_file(&mut tempfile::Builder::new())
+            .prefix("output-")
+            .tempfile_in(staging_dir)
+            .map_err(io)?,
         Location::Local(path) => {
             let dir = match path.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -109,17 +134,11 @@ pub async fn stage(
             let name = path
                 .file_name()
                 .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-            let prefix = format!(".{name}.");
-            let mut builder = tempfile::Builder::new();
-            builder.prefix(&prefix).suffix(".groupflow-tmp");
-            // Temporary files are private (0600) by default; the output is an ordinary file,
-            // so it gets the mode a newly created file would have (0666 less the umask).
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                builder.permissions(std::fs::Permissions::from_mode(0o666));
-            }
-            builder.tempfile_in(dir).map_err(io)?
+            output_file(&mut tempfile::Builder::new())
+                .prefix(&format!(".{name}."))
+                .suffix(".groupflow-tmp")
+                .tempfile_in(dir)
+                .map_err(io)?
         }
         Location::S3(_) => tempfile::Builder::new()
             .prefix("output-")
@@ -135,6 +154,19 @@ pub async fn stage(
     })
 }
 
+/// Temporary files are private (0600) by default; an output is an ordinary file, so it
+/// gets the mode a newly created file would have (0666 less the umask).
+fn output_file<'a, 'b>(
+    builder: &'a mut tempfile::Builder<'b, 'b>,
+) -> &'a mut tempfile::Builder<'b, 'b> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
+}
+
 impl StagedOutput {
     /// Where this output goes.
     pub fn target(&self) -> &OutputTarget {
@@ -144,6 +176,21 @@ impl StagedOutput {
     /// Rows written.
     pub fn rows(&self) -> u64 {
         self.rows
+    }
+
+    /// Makes a local output's folder, for an output staged early (see [`stage_early`]):
+    /// done for every output before any is committed, so that an output whose folder cannot
+    /// be made fails the run with none of them in place.
+    pub fn prepare(&self) -> Result<(), OutputError> {
+        if let Location::Local(path) = &self.target.place
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|source| OutputError::Io {
+                path: self.target.display.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Moves the file into place: a rename for local paths, an upload for S3 (`store` must be
@@ -158,7 +205,14 @@ impl StagedOutput {
         match (&self.target.place, store) {
             (Location::Local(path), _) => {
                 self.temp.as_file().sync_all().map_err(io)?;
-                self.temp.persist(path).map_err(|e| io(e.error))?;
+                self.prepare()?;
+                match self.temp.persist(path) {
+                    Ok(_) => {}
+                    Err(e) if e.error.kind() == std::io::ErrorKind::CrossesDevices => {
+                        copy_into_place(e.file.path(), path).map_err(io)?;
+                    }
+                    Err(e) => return Err(io(e.error)),
+                }
             }
             (Location::S3(url), Some(store)) => {
                 let key = object_store::path::Path::from_url_path(url.path()).map_err(|e| {
@@ -182,6 +236,23 @@ impl StagedOutput {
             bytes,
         })
     }
+}
+
+/// Copies `from` next to `to` under a temporary name, makes the copy durable, then renames
+/// it to `to`: the move of a staged output across file systems.
+fn copy_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut copy = output_file(&mut tempfile::Builder::new())
+        .prefix(".groupflow-copy.")
+        .suffix(".groupflow-tmp")
+        .tempfile_in(dir)?;
+    std::io::copy(&mut File::open(from)?, copy.as_file_mut())?;
+    copy.as_file().sync_all()?;
+    copy.persist(to).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Uploads a finished file. `BufWriter` switches to a multipart upload for large files and
@@ -505,6 +576,35 @@ mod tests {
         );
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().collect();
         assert_eq!(leftovers.len(), 3, "temporary files left: {leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn an_early_output_stays_in_staging_until_committed_and_a_copy_moves_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let t = target(dir.path(), "o.csv");
+        let staged = stage_early(&t, stream(vec![Ok(batch())]), &staging)
+            .await
+            .unwrap();
+        // Nothing where the output goes, not even its folder, until the commit.
+        assert!(!dir.path().join("sub").exists());
+        assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 1);
+        staged.commit(None).await.unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("sub/o.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 3, "{csv}");
+        assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+        // Across file systems the staged file is copied beside the output, then renamed.
+        let from = staging.join("staged");
+        std::fs::write(&from, "whole").unwrap();
+        let to = dir.path().join("sub/o.csv");
+        copy_into_place(&from, &to).unwrap();
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "whole");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["o.csv"]);
     }
 
     #[tokio::test]

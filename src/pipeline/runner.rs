@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::datasource::file_format::options::ArrowReadOptions;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
@@ -358,6 +359,11 @@ async fn run_with(
     // Rows of a step with one enrich call whose `run_status` is not `completed`: besides
     // failed runs, this counts rows whose output did not fit the schema or had no run.
     let mut failed_by_task: BTreeMap<String, u64> = BTreeMap::new();
+    // Outputs written while their step runs, by output.
+    let mut early: BTreeMap<
+        usize,
+        tokio::task::JoinHandle<Result<output::StagedOutput, output::OutputError>>,
+    > = BTreeMap::new();
     for (i, step) in steps.iter().enumerate() {
         progress.step_started(i, steps.len(), &step.name);
         let t = Instant::now();
@@ -370,7 +376,33 @@ async fn run_with(
             .await
             .map_err(|e| RunError::from_step(&step.name, e))?;
         let path = work.step_file(&step.name);
-        let rows = materialize(&step.name, stream, path.clone()).await?;
+        // An output of this step is written from its batches as it runs, rather than read
+        // back from the step's file once that is whole: the output's encoding then runs
+        // beside the step instead of after it.
+        let mut tees = Vec::new();
+        for (j, out) in pipeline.spec.outputs.iter().enumerate() {
+            if out.from != step.name {
+                continue;
+            }
+            let target = output_target(pipeline, j)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let batches = RecordBatchStreamAdapter::new(
+                stream.schema(),
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+                ),
+            );
+            let dir = work.staging_dir();
+            early.insert(
+                j,
+                tokio::spawn(
+                    async move { output::stage_early(&target, Box::pin(batches), &dir).await },
+                ),
+            );
+            tees.push(tx);
+        }
+        let rows = materialize(&step.name, stream, path.clone(), tees).await?;
         // A step that stopped reading an enrich(...) early (a LIMIT) left its results still
         // being stored: every run paid for keeps its result, and a failure fails the step.
         readings.wait().await.map_err(|e| {
@@ -408,6 +440,13 @@ async fn run_with(
         .map(|l| tokio::spawn(async move { l.checkpoint().await }));
     let mut staged = Vec::new();
     for (i, out) in pipeline.spec.outputs.iter().enumerate() {
+        if let Some(written) = early.remove(&i) {
+            let written = written
+                .await
+                .map_err(|e| RunError::Storage(format!("output {}: {e}", out.path)))?;
+            staged.push(written?);
+            continue;
+        }
         let target = output_target(pipeline, i)?;
         let df = ctx
             .table(out.from.as_str())
@@ -425,6 +464,9 @@ async fn run_with(
             .map_err(|e| RunError::Storage(e.to_string()))?;
     }
     pause_point("output.staged");
+    for s in &staged {
+        s.prepare()?;
+    }
     let mut written = Vec::new();
     for s in staged {
         let store = match &s.target().place {
@@ -548,11 +590,13 @@ pub fn output_target(pipeline: &Pipeline, i: usize) -> Result<OutputTarget, RunE
 }
 
 /// Writes a step's result to an Arrow IPC file (via a temporary name, so a file under the
-/// final name is always whole). Returns the rows written.
+/// final name is always whole), and hands each batch to `tees` as well (the outputs
+/// written as the step runs; a failed step hands them an error). Returns the rows written.
 async fn materialize(
     step: &str,
     mut stream: datafusion::physical_plan::SendableRecordBatchStream,
     path: PathBuf,
+    tees: Vec<Tee>,
 ) -> Result<u64, RunError> {
     let schema: SchemaRef = stream.schema();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(2);
@@ -574,11 +618,22 @@ async fn materialize(
     while let Some(batch) = stream.next().await {
         match batch {
             Ok(b) => {
+                // An output whose writing failed says so when it is awaited.
+                for t in &tees {
+                    let _ = t.send(Ok(b.clone())).await;
+                }
                 if tx.send(b).await.is_err() {
                     break;
                 }
             }
             Err(e) => {
+                for t in &tees {
+                    let _ = t
+                        .send(Err(datafusion::error::DataFusionError::Execution(format!(
+                            "step `{step}` failed"
+                        ))))
+                        .await;
+                }
                 failure = Some(RunError::from_step(step, e));
                 break;
             }
@@ -593,6 +648,9 @@ async fn materialize(
     std::fs::rename(&tmp, &path).map_err(|e| storage(&e))?;
     Ok(rows)
 }
+
+/// Where a step's batches go besides its file: an output written as the step runs.
+type Tee = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
 
 /// Counts what each enrich call would submit, without an API and without running any
 /// task: the source of each call is counted when it does not need another task's results.
