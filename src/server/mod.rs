@@ -73,9 +73,9 @@ pub struct ServerHandle {
     shutdown: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
-    /// The state database, to see that it is closed (and its lock released) once every
-    /// task that used it has let it go.
-    store: std::sync::Weak<store::Store>,
+    /// Set once the state database is closed (and its lock released), every task that
+    /// used it having let it go.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ServerHandle {
@@ -112,7 +112,9 @@ impl ServerHandle {
         // with its connection, and can hold the database a moment after the server's task
         // has ended.
         let released = std::time::Instant::now() + Duration::from_secs(10);
-        while self.store.strong_count() > 0 && std::time::Instant::now() < released {
+        while !self.closed.load(std::sync::atomic::Ordering::Acquire)
+            && std::time::Instant::now() < released
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -177,7 +179,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         source,
     })?;
     let store = Arc::new(store);
-    let held = Arc::downgrade(&store);
+    let closed = store.closed();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let changes = Arc::new(watch::Sender::new(0u64));
     let wake = Arc::new(Notify::new());
@@ -217,6 +219,6 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         shutdown: shutdown_tx,
         server: Some(server),
         scheduler: Some(scheduler),
-        store: held,
+        closed,
     })
 }

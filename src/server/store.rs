@@ -270,6 +270,21 @@ pub struct Store {
     _lock: Option<std::fs::File>,
     // Keeps the temporary database alive when no file was given.
     _temp: Option<tempfile::TempDir>,
+    // Last, so dropped last: says the store is closed, its lock released (see
+    // [`Store::closed`]).
+    closed: Closed,
+}
+
+/// Set when the store it belongs to has been dropped whole. The last `Arc` of a store can
+/// be gone while its fields are still being dropped on another thread (the checkpoint
+/// thread joined, then the lock released): a server restarted on the same file in that
+/// moment found the lock still held.
+struct Closed(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 struct Writer {
@@ -426,7 +441,14 @@ impl Store {
             path,
             _lock: lock,
             _temp: temp,
+            closed: Closed(Arc::default()),
         })
+    }
+
+    /// Becomes true once this store has been dropped whole: its connections closed, its
+    /// checkpoint thread ended and its lock released.
+    pub fn closed(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.closed.0.clone()
     }
 
     fn with_writer<T>(
@@ -1180,6 +1202,30 @@ fn insert_status_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closed_is_set_once_the_store_is_dropped_and_its_lock_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        // A store with a run written, so its checkpoint thread has work to end with.
+        let store = Store::open(Some(&path)).unwrap();
+        let g = store.create_group(None).unwrap();
+        let closed = store.closed();
+        assert!(!closed.load(std::sync::atomic::Ordering::Acquire));
+        assert!(matches!(
+            Store::open(Some(&path)),
+            Err(StoreError::InUse(_))
+        ));
+        // Dropped on another thread, as a request's blocking work can be: whoever sees the
+        // flag set can open the file at once.
+        let dropper = std::thread::spawn(move || drop(store));
+        while !closed.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        let reopened = Store::open(Some(&path)).unwrap();
+        assert!(reopened.group(g.gseq, &g.tag).unwrap().is_some());
+        dropper.join().unwrap();
+    }
 
     #[test]
     fn statements_are_not_prepared_again_when_new_values_are_bound() {
