@@ -7,7 +7,7 @@
 //! output path; a failure or an interrupt drops the temporary file.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, StringBuilder};
@@ -88,63 +88,24 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Streams `stream` into a temporary file for `target`. Local targets get their parent
-/// folder created; S3 targets are staged in `staging_dir`.
+/// Streams `stream` into a temporary file in `staging_dir`, so that nothing, not even the
+/// output's folder, appears where the output goes before [`StagedOutput::commit`]: an
+/// output may be staged while its step still runs, and fail with it. A local output is
+/// moved into place when committed (copied, when the two are on different file systems),
+/// an S3 output uploaded.
 pub async fn stage(
     target: &OutputTarget,
     stream: SendableRecordBatchStream,
     staging_dir: &Path,
 ) -> Result<StagedOutput, OutputError> {
-    stage_where(target, stream, staging_dir, false).await
-}
-
-/// [`stage`] into `staging_dir` whatever the target, so that nothing, not even the output's
-/// folder, appears where the output goes before [`StagedOutput::commit`]: for an output
-/// written while its step runs, which may still fail. A local output is then moved into
-/// place when committed (copied, when the two are on different file systems).
-pub async fn stage_early(
-    target: &OutputTarget,
-    stream: SendableRecordBatchStream,
-    staging_dir: &Path,
-) -> Result<StagedOutput, OutputError> {
-    stage_where(target, stream, staging_dir, true).await
-}
-
-async fn stage_where(
-    target: &OutputTarget,
-    stream: SendableRecordBatchStream,
-    staging_dir: &Path,
-    in_staging_dir: bool,
-) -> Result<StagedOutput, OutputError> {
     let io = |source| OutputError::Io {
         path: target.display.clone(),
         source,
     };
-    let temp = match &target.place {
-        Location::Local(_) if in_staging_dir => output_file(&mut tempfile::Builder::new())
-            .prefix("output-")
-            .tempfile_in(staging_dir)
-            .map_err(io)?,
-        Location::Local(path) => {
-            let dir = match path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            std::fs::create_dir_all(&dir).map_err(io)?;
-            let name = path
-                .file_name()
-                .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-            output_file(&mut tempfile::Builder::new())
-                .prefix(&format!(".{name}."))
-                .suffix(".groupflow-tmp")
-                .tempfile_in(dir)
-                .map_err(io)?
-        }
-        Location::S3(_) => tempfile::Builder::new()
-            .prefix("output-")
-            .tempfile_in(staging_dir)
-            .map_err(io)?,
-    };
+    let temp = output_file(&mut tempfile::Builder::new())
+        .prefix("output-")
+        .tempfile_in(staging_dir)
+        .map_err(io)?;
     let file = temp.reopen().map_err(io)?;
     let rows = write_stream(target, stream, file).await?;
     Ok(StagedOutput {
@@ -178,8 +139,8 @@ impl StagedOutput {
         self.rows
     }
 
-    /// Makes a local output's folder, for an output staged early (see [`stage_early`]):
-    /// done for every output before any is committed, so that an output whose folder cannot
+    /// Makes a local output's folder (see [`stage`]): done for every output before any is
+    /// committed, so that an output whose folder cannot
     /// be made fails the run with none of them in place.
     pub fn prepare(&self) -> Result<(), OutputError> {
         if let Location::Local(path) = &self.target.place
@@ -579,12 +540,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_early_output_stays_in_staging_until_committed_and_a_copy_moves_whole() {
+    async fn an_output_stays_in_staging_until_committed_and_a_copy_moves_whole() {
         let dir = tempfile::tempdir().unwrap();
         let staging = dir.path().join("staging");
         std::fs::create_dir(&staging).unwrap();
         let t = target(dir.path(), "o.csv");
-        let staged = stage_early(&t, stream(vec![Ok(batch())]), &staging)
+        let staged = stage(&t, stream(vec![Ok(batch())]), &staging)
             .await
             .unwrap();
         // Nothing where the output goes, not even its folder, until the commit.
@@ -622,9 +583,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
-            0
-        );
+        // Neither the output's folder nor a staged file: the folder is where both would be.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

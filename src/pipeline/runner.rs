@@ -396,9 +396,7 @@ async fn run_with(
             let dir = work.staging_dir();
             early.insert(
                 j,
-                tokio::spawn(
-                    async move { output::stage_early(&target, Box::pin(batches), &dir).await },
-                ),
+                tokio::spawn(async move { output::stage(&target, Box::pin(batches), &dir).await }),
             );
             tees.push(tx);
         }

@@ -10,7 +10,7 @@
 //!   work/<run id>/             one run's scratch space, removed when the run ends
 //!     steps/<step>.arrow       each step's result, written once and read by later steps
 //!     spill/                   rows the sink keeps while their runs are out
-//!     staging/                 finished outputs bound for S3, uploaded at commit
+//!     staging/                 finished outputs, moved into place or uploaded at commit
 //! ```
 
 use std::fs::File;
