@@ -6,6 +6,7 @@
 //!  tasks      task fingerprint (processor + task spec) → id
 //!  groups     (attempt, task) → the task group holding that attempt's runs of the task
 //!  runs       (task, input key) → attempt, group, run id, status, result   ← dedup + cache
+//!  run_keys   (task, input key) → run row, written in sorted runs (see keys.rs)
 //!  outputs    (attempt, output) → rows, when committed
 //! ```
 //!
@@ -17,6 +18,7 @@
 //! state directory share its ledger: an input pending in another pipeline's unfinished run
 //! of the same task is refused rather than paid for twice.
 
+mod keys;
 pub(crate) mod log;
 mod pause;
 
@@ -193,6 +195,8 @@ CREATE TABLE IF NOT EXISTS groups (
 -- `group_id` and `run_id` are only filled in ledgers written before they went unused: the
 -- run id is in the stored result, the group in `groups`, and a row without them is about
 -- half as wide, so claiming and linking results rewrite half as many pages.
+-- This is the table as formats up to 4 have it: format 5 rebuilds it without its primary
+-- key, whose index moves to `run_keys` (see keys.rs).
 CREATE TABLE IF NOT EXISTS runs (
   task_id INTEGER NOT NULL,
   input_key NOT NULL,
@@ -212,6 +216,12 @@ CREATE TABLE IF NOT EXISTS results (
   result_id INTEGER PRIMARY KEY,
   json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_keys (
+  task_id INTEGER NOT NULL,
+  input_key NOT NULL,
+  row INTEGER NOT NULL,
+  PRIMARY KEY (task_id, input_key)
+) WITHOUT ROWID;
 -- No query looks runs up by group; the index on it that older ledgers have only cost two
 -- index writes per run.
 DROP INDEX IF EXISTS runs_by_group;
@@ -239,9 +249,10 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// results to the result log instead of the `results` table (whose rows are still read);
 /// format 3 may keep them in another log file, named in `settings` (see
 /// [`Ledger::compact`]), which older versions would not look for; format 4 may store a
-/// result after its basis's place (see [`Packer`]), which older versions would not read. Older
-/// ledgers are converted when opened.
-const FORMAT: i64 = 4;
+/// result after its basis's place (see [`Packer`]), which older versions would not read;
+/// format 5 keeps the key index in `run_keys`, written in sorted runs (see [`keys`]), which
+/// older versions would not keep up. Older ledgers are converted when opened.
+const FORMAT: i64 = 5;
 
 /// Converts a format-0 ledger: the keys that are fingerprints become their 16 bytes, so
 /// the claims and results recorded before stay found.
@@ -258,6 +269,7 @@ const TO_FORMAT_2: &str = "ALTER TABLE runs ADD COLUMN result_at INTEGER;
 /// index holds twice the keys and each comparison reads half the bytes (at 1M rows a claim
 /// costs 11.3 µs instead of 14.4, `benches/ledger_index.py`). Any other key stays text; in
 /// SQLite a BLOB never equals a TEXT, so the two kinds cannot collide.
+#[derive(Clone, Copy)]
 enum DbKey<'a> {
     Bytes([u8; 16]),
     Text(&'a str),
@@ -316,6 +328,10 @@ mod status {
 /// The ledger of one state directory, opened for one attempt of one pipeline.
 pub struct Ledger {
     conn: Mutex<Connection>,
+    /// The keys of rows not yet in `run_keys` (see [`keys`]); locked with `conn` held.
+    keys: Mutex<keys::FreshKeys>,
+    /// Where [`Ledger::blocking`] sends its work (see [`start_worker`]).
+    worker: std::sync::mpsc::Sender<Job>,
     path: PathBuf,
     /// Results, appended (see [`log`]); used with `conn` locked, replaced by a compaction.
     log: std::sync::RwLock<log::ResultLog>,
@@ -456,6 +472,13 @@ impl Ledger {
         if format < 2 {
             tx.execute_batch(TO_FORMAT_2).map_err(err)?;
         }
+        if format < 5 {
+            tx.execute_batch(keys::TO_FORMAT_5).map_err(err)?;
+        }
+        // The keys an interrupted run left unfolded, so this one starts with none in memory.
+        let folded = keys::fold(&tx).map_err(err)?;
+        let mut fresh = keys::FreshKeys::default();
+        fresh.folded_to(folded);
         if format < FORMAT {
             tx.execute_batch(&format!("PRAGMA user_version = {FORMAT}"))
                 .map_err(err)?;
@@ -506,8 +529,14 @@ impl Ledger {
                 message: e.to_string(),
             }
         })?;
+        let worker = start_worker().map_err(|e| LedgerError::Io {
+            path: path.to_path_buf(),
+            message: format!("start the ledger's thread: {e}"),
+        })?;
         Ok(Arc::new(Ledger {
             conn: Mutex::new(conn),
+            keys: Mutex::new(fresh),
+            worker,
             path: path.to_path_buf(),
             log: std::sync::RwLock::new(log),
             pipeline: pipeline.to_string(),
@@ -715,15 +744,16 @@ impl Ledger {
         })
     }
 
-    /// Runs `f` on the connection on a blocking thread.
+    /// Runs `f` on the connection, on the ledger's thread.
     async fn blocking<T: Send + 'static, E: Into<Fail>>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
     ) -> Result<T, LedgerError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
             let mut conn = me.conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn).map_err(|e| match e.into() {
+            let out = f(&mut conn).map_err(|e| match e.into() {
                 Fail::Sql(source) => LedgerError::Sqlite {
                     path: me.path.clone(),
                     source,
@@ -746,14 +776,40 @@ impl Ledger {
                     pipeline,
                     running,
                 },
-            })
-        })
-        .await
-        .map_err(|e| LedgerError::Io {
+            });
+            let _ = done.send(out);
+        });
+        let stopped = |what: &str| LedgerError::Io {
             path: self.path.clone(),
-            message: format!("ledger thread: {e}"),
-        })?
+            message: format!("ledger thread: {what}"),
+        };
+        self.worker
+            .send(job)
+            .map_err(|_| stopped("it has stopped"))?;
+        result.await.map_err(|_| stopped("the work panicked"))?
     }
+}
+
+/// Work for the ledger's thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Starts the thread that does all of a ledger's work with its connection, one job after
+/// another, until the ledger is dropped. One thread rather than tokio's pool of blocking
+/// threads: glibc's allocator gives each thread that allocates a heap of its own, and
+/// what a job frees on one thread no job on another reuses. With the ledger's work spread
+/// over the pool, a run of 1M rows peaked at 156 MiB of heap, against 99 MiB with one heap
+/// for the whole process (`MALLOC_ARENA_MAX=1`).
+fn start_worker() -> std::io::Result<std::sync::mpsc::Sender<Job>> {
+    let (send, jobs) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("groupflow-ledger".into())
+        .spawn(move || {
+            for job in jobs {
+                // A job that panics drops its reply: its caller gets the error.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            }
+        })?;
+    Ok(send)
 }
 
 /// The lock a run of `pipeline` holds beside the ledger at `path` while it runs.
@@ -898,18 +954,24 @@ impl TaskLedger {
     /// POST never arrived) are dropped so they are claimed and sent again.
     pub async fn reconcile(&self, found: Vec<String>) -> Result<Reconciled, LedgerError> {
         let (attempt, task) = (self.ledger.attempt, self.task_id);
+        let me = self.ledger.clone();
         self.ledger
             .blocking(move |c| -> rusqlite::Result<_> {
-                let tx = c.transaction()?;
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let mut out = Reconciled::default();
                 {
+                    let mut fresh = me.keys.lock().unwrap_or_else(|p| p.into_inner());
+                    fresh.sync(&tx)?;
                     let mut mark = tx.prepare(
-                        "UPDATE runs SET status = ?4
-                         WHERE task_id = ?1 AND input_key = ?2 AND attempt = ?3
+                        "UPDATE runs SET status = ?5
+                         WHERE rowid = ?1 AND task_id = ?2 AND input_key = ?3 AND attempt = ?4
                            AND status = 'queued'",
                     )?;
                     for key in &found {
-                        mark.execute(params![task, DbKey::new(key), attempt, status::SUBMITTED])?;
+                        let k = DbKey::new(key);
+                        if let Some(row) = fresh.row_of(&tx, task, &k)? {
+                            mark.execute(params![row, task, k, attempt, status::SUBMITTED])?;
+                        }
                     }
                 }
                 out.dropped = tx.execute(
@@ -970,101 +1032,47 @@ impl TaskLedger {
         let (attempt, task, session, options) =
             (l.attempt, self.task_id, l.session.clone(), l.options);
         let path = l.path.clone();
+        let me = self.ledger.clone();
         let claims = self
             .ledger
             .blocking(move |c| -> Result<_, Fail> {
-                // Other attempts met: (pipeline, running now), or None when finished.
-                let mut others: HashMap<i64, Option<(String, bool)>> = HashMap::new();
-                let tx = c.transaction()?;
-                let mut claims = Vec::with_capacity(keys.len());
-                // A result in the log is left unused (see `Ledger::compact`).
-                let mut replaced = false;
-                {
-                    // A new key is inserted straight away: one walk down the key index
-                    // instead of a lookup and then an insert (at 1M rows most keys are new).
-                    let mut add = tx.prepare_cached(
-                        "INSERT INTO runs (task_id, input_key, attempt, session, status)
-                         VALUES (?1, ?2, ?3, ?4, 'queued')
-                         ON CONFLICT (task_id, input_key) DO NOTHING",
-                    )?;
-                    let mut find = tx.prepare_cached(
-                        "SELECT rowid, attempt, session, status, result_id, result_at FROM runs
-                         WHERE task_id = ?1 AND input_key = ?2",
-                    )?;
-                    let mut requeue = tx.prepare_cached(
-                        "UPDATE runs SET attempt = ?2, session = ?3, status = 'queued',
-                           group_id = NULL, run_id = NULL, result_id = NULL,
-                           result_at = NULL, result_len = NULL
-                         WHERE rowid = ?1",
-                    )?;
-                    let mut drop_result =
-                        tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
-                    for key in &keys {
-                        if add.execute(params![task, DbKey::new(key), attempt, session])? == 1 {
-                            claims.push((Claim::Submit, tx.last_insert_rowid()));
-                            continue;
-                        }
-                        type Known = (i64, i64, String, String, Option<i64>, Option<i64>);
-                        let (row, a, s, st, old, old_at): Known =
-                            find.query_row(params![task, DbKey::new(key)], |r| {
-                                Ok((
-                                    r.get(0)?,
-                                    r.get(1)?,
-                                    r.get(2)?,
-                                    r.get(3)?,
-                                    r.get(4)?,
-                                    r.get(5)?,
-                                ))
-                            })?;
-                        let claim = if a == attempt && s == session {
-                            Claim::Duplicate
-                        } else if a == attempt && st != status::QUEUED {
-                            // Claimed before an interruption: shared if the server has its
-                            // run (see `reconcile`), sent again if its POST never arrived.
-                            Claim::Resumed
-                        } else if !options.no_cache
-                            && (st == status::COMPLETED
-                                || (!options.retry_failed && st == status::FAILED))
-                        {
-                            Claim::Cached
-                        } else {
-                            Claim::Submit
-                        };
-                        if claim == Claim::Submit && a != attempt {
-                            let other = match others.get(&a) {
-                                Some(o) => o.clone(),
-                                None => {
-                                    let o = unfinished_attempt(&tx, &path, a)?;
-                                    others.insert(a, o.clone());
-                                    o
-                                }
-                            };
-                            let pending = st == status::QUEUED || st == status::SUBMITTED;
-                            let take_over = options.no_cache || options.take_over_pending;
-                            if let Some((pipeline, live)) = other
-                                && (live || (pending && !take_over))
-                            {
-                                return Err(Fail::Pending {
-                                    key: key.clone(),
-                                    pipeline,
-                                    running: live,
-                                });
-                            }
-                        }
-                        if claim == Claim::Submit {
-                            if let Some(old) = old {
-                                drop_result.execute(params![old])?;
-                            }
-                            replaced |= old_at.is_some();
-                            requeue.execute(params![row, attempt, session])?;
-                        }
-                        claims.push((claim, row));
+                // Write-locked from the start: the rows other processes added are read
+                // first, and none may be added between that and this claim's writes.
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let mut fresh = me.keys.lock().unwrap_or_else(|p| p.into_inner());
+                fresh.sync(&tx)?;
+                let folded = if fresh.full() {
+                    Some(keys::fold(&tx)?)
+                } else {
+                    None
+                };
+                let mut next = keys::next_row(&tx)?;
+                let first = next;
+                // The rows this claim adds, held in memory as they are added (a key can
+                // come twice in one claim), and forgotten if it does not commit.
+                let mut added: Vec<(DbKey<'_>, i64)> = Vec::new();
+                let done = claim_in(
+                    &tx, &mut fresh, &keys, &mut next, &mut added, &path, task, attempt, &session,
+                    options,
+                )
+                .and_then(|claims| {
+                    if next != first {
+                        keys::set_next_row(&tx, next)?;
                     }
+                    tx.commit()?;
+                    Ok(claims)
+                });
+                let claims = match done {
+                    Ok(claims) => claims,
+                    Err(e) => {
+                        fresh.forget(task, &added);
+                        return Err(e);
+                    }
+                };
+                fresh.committed(next - 1);
+                if let Some(f) = folded {
+                    fresh.folded_to(f);
                 }
-                if replaced {
-                    note_unused(&tx)?;
-                }
-                tx.commit()?;
                 Ok(claims)
             })
             .await?;
@@ -1128,8 +1136,13 @@ impl TaskLedger {
                     // key (see `RunFinder`). The results it keeps go to the result log in one
                     // append, made durable before this transaction links them to their rows
                     // by rowid.
-                    let mut find =
-                        RunFinder::new(&tx, task, "rowid, attempt, status, result_id, result_at")?;
+                    let mut fresh = me.keys.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut find = RunFinder::new(
+                        &tx,
+                        &mut fresh,
+                        task,
+                        "rowid, attempt, status, result_id, result_at",
+                    )?;
                     // The results kept, each with its packed bytes' place in `blocks`.
                     let mut keep: Vec<(&StoredResult, i64, Option<i64>, Range<usize>)> =
                         Vec::with_capacity(results.len());
@@ -1255,8 +1268,10 @@ impl TaskLedger {
                 // starts and ends a transaction of its own, two file-lock calls apiece.
                 let tx = c.transaction()?;
                 {
+                    let mut fresh = me.keys.lock().unwrap_or_else(|p| p.into_inner());
                     let mut find = RunFinder::new(
                         &tx,
+                        &mut fresh,
                         task,
                         "result_at, result_len,
                            (SELECT json FROM results r WHERE r.result_id = runs.result_id)",
@@ -1292,32 +1307,147 @@ impl TaskLedger {
     }
 }
 
+/// [`TaskLedger::claim_rows`] in `tx`, which holds the write lock: new rows are numbered
+/// from `next` and noted in `added` (and in `fresh`) as they are written.
+#[allow(clippy::too_many_arguments)]
+fn claim_in<'k>(
+    tx: &rusqlite::Transaction<'_>,
+    fresh: &mut keys::FreshKeys,
+    keys: &'k [String],
+    next: &mut i64,
+    added: &mut Vec<(DbKey<'k>, i64)>,
+    path: &Path,
+    task: i64,
+    attempt: i64,
+    session: &str,
+    options: LedgerOptions,
+) -> Result<Vec<(Claim, i64)>, Fail> {
+    // Other attempts met: (pipeline, running now), or None when finished.
+    let mut others: HashMap<i64, Option<(String, bool)>> = HashMap::new();
+    let mut claims = Vec::with_capacity(keys.len());
+    // A result in the log is left unused (see `Ledger::compact`).
+    let mut replaced = false;
+    // Appended: the table has no index but the row number (see keys.rs).
+    let mut add = tx.prepare_cached(
+        "INSERT INTO runs (rowid, task_id, input_key, attempt, session, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued')",
+    )?;
+    let mut find = tx.prepare_cached(
+        "SELECT rowid, attempt, session, status, result_id, result_at FROM runs
+         WHERE rowid = ?1 AND task_id = ?2 AND input_key = ?3",
+    )?;
+    let mut requeue = tx.prepare_cached(
+        "UPDATE runs SET attempt = ?2, session = ?3, status = 'queued',
+           group_id = NULL, run_id = NULL, result_id = NULL,
+           result_at = NULL, result_len = NULL
+         WHERE rowid = ?1",
+    )?;
+    let mut drop_result = tx.prepare_cached("DELETE FROM results WHERE result_id = ?1")?;
+    for key in keys {
+        let k = DbKey::new(key);
+        type Known = (i64, i64, String, String, Option<i64>, Option<i64>);
+        let known: Option<Known> = match fresh.row_of(tx, task, &k)? {
+            Some(row) => find
+                .query_row(params![row, task, k], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })
+                .optional()?,
+            None => None,
+        };
+        let Some((row, a, s, st, old, old_at)) = known else {
+            let row = *next;
+            *next += 1;
+            add.execute(params![row, task, k, attempt, session])?;
+            fresh.add(task, &k, row);
+            added.push((k, row));
+            claims.push((Claim::Submit, row));
+            continue;
+        };
+        let claim = if a == attempt && s == session {
+            Claim::Duplicate
+        } else if a == attempt && st != status::QUEUED {
+            // Claimed before an interruption: shared if the server has its
+            // run (see `reconcile`), sent again if its POST never arrived.
+            Claim::Resumed
+        } else if !options.no_cache
+            && (st == status::COMPLETED || (!options.retry_failed && st == status::FAILED))
+        {
+            Claim::Cached
+        } else {
+            Claim::Submit
+        };
+        if claim == Claim::Submit && a != attempt {
+            let other = match others.get(&a) {
+                Some(o) => o.clone(),
+                None => {
+                    let o = unfinished_attempt(tx, path, a)?;
+                    others.insert(a, o.clone());
+                    o
+                }
+            };
+            let pending = st == status::QUEUED || st == status::SUBMITTED;
+            let take_over = options.no_cache || options.take_over_pending;
+            if let Some((pipeline, live)) = other
+                && (live || (pending && !take_over))
+            {
+                return Err(Fail::Pending {
+                    key: key.clone(),
+                    pipeline,
+                    running: live,
+                });
+            }
+        }
+        if claim == Claim::Submit {
+            if let Some(old) = old {
+                drop_result.execute(params![old])?;
+            }
+            replaced |= old_at.is_some();
+            requeue.execute(params![row, attempt, session])?;
+        }
+        claims.push((claim, row));
+    }
+    if replaced {
+        note_unused(tx)?;
+    }
+    Ok(claims)
+}
+
 /// Finds a task's runs for [`TaskLedger::store_results`] and [`TaskLedger::results_by_row`]:
 /// by the ledger row a claim found (its `rowid`; see [`TaskLedger::claim_rows`]) when that
 /// row is still the key's, which in a new attempt goes through the table in about the order
-/// the claims wrote it; else by key, a walk down the key index to a random page (at 1M rows
-/// the index no longer fits the page cache).
+/// the claims wrote it; else by key (see [`keys`]), after reading the rows other processes
+/// added.
 struct RunFinder<'c> {
+    c: &'c Connection,
     by_row: rusqlite::CachedStatement<'c>,
-    by_key: rusqlite::CachedStatement<'c>,
+    fresh: &'c mut keys::FreshKeys,
+    synced: bool,
     task: i64,
 }
 
 impl<'c> RunFinder<'c> {
     /// Selects `columns` of the run.
-    fn new(c: &'c Connection, task: i64, columns: &str) -> rusqlite::Result<Self> {
-        // `NOT INDEXED`: by the rowid, not by the key index, which the key's equality would
-        // also allow.
+    fn new(
+        c: &'c Connection,
+        fresh: &'c mut keys::FreshKeys,
+        task: i64,
+        columns: &str,
+    ) -> rusqlite::Result<Self> {
         let by_row = c.prepare_cached(&format!(
-            "SELECT {columns} FROM runs NOT INDEXED
-             WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2"
-        ))?;
-        let by_key = c.prepare_cached(&format!(
-            "SELECT {columns} FROM runs WHERE task_id = ?1 AND input_key = ?2"
+            "SELECT {columns} FROM runs WHERE rowid = ?3 AND task_id = ?1 AND input_key = ?2"
         ))?;
         Ok(RunFinder {
+            c,
             by_row,
-            by_key,
+            fresh,
+            synced: false,
             task,
         })
     }
@@ -1338,9 +1468,17 @@ impl<'c> RunFinder<'c> {
         {
             return Ok(Some(found));
         }
-        self.by_key
-            .query_row(params![self.task, key], &read)
-            .optional()
+        if !self.synced {
+            self.fresh.sync(self.c)?;
+            self.synced = true;
+        }
+        match self.fresh.row_of(self.c, self.task, &key)? {
+            Some(found) if Some(found) != row => self
+                .by_row
+                .query_row(params![self.task, key, found], &read)
+                .optional(),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -2222,6 +2360,100 @@ mod tests {
         let l = Ledger::open(&path, "other pipeline", no_cache).unwrap();
         let t = l.task("t", "fp").await.unwrap();
         assert_eq!(t.claim(keys(&["a"])).await.unwrap(), vec![Claim::Submit]);
+    }
+
+    /// The rows of `task` whose keys are in `run_keys`, and every row, both by row number.
+    fn indexed_and_all(path: &Path) -> (Vec<i64>, Vec<i64>) {
+        let c = Connection::open(path).unwrap();
+        let rows = |sql: &str| -> Vec<i64> {
+            let mut s = c.prepare(sql).unwrap();
+            s.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        (
+            rows("SELECT row FROM run_keys ORDER BY row"),
+            rows("SELECT rowid FROM runs ORDER BY rowid"),
+        )
+    }
+
+    #[tokio::test]
+    async fn keys_reach_the_index_in_sorted_runs_and_other_processes_see_them_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let opts = LedgerOptions::default();
+        // Two pipelines with the ledger open, each with its own keys in memory.
+        let a = Ledger::open(&path, "a", opts).unwrap();
+        let b = Ledger::open(&path, "b", opts).unwrap();
+        a.keys.lock().unwrap().fold_at = 2;
+        let (ta, tb) = (
+            a.task("t", "fp").await.unwrap(),
+            b.task("t", "fp").await.unwrap(),
+        );
+        let x = ta.claim_rows(keys(&["x", "y", "x"])).await.unwrap();
+        assert_eq!(
+            x.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![Claim::Submit, Claim::Submit, Claim::Duplicate]
+        );
+        assert_eq!(x[2].1, x[0].1);
+        // Claimed, not yet in the index: b reads them before it looks a key up.
+        assert_eq!(indexed_and_all(&path), (vec![], vec![x[0].1, x[1].1]));
+        ta.store_results(vec![done("y", true)]).await.unwrap();
+        assert_eq!(tb.claim(keys(&["y"])).await.unwrap(), vec![Claim::Cached]);
+        assert!(matches!(
+            tb.claim(keys(&["x"])).await,
+            Err(LedgerError::Pending { key, .. }) if key == "x"
+        ));
+        assert_eq!(
+            tb.results(keys(&["y", "x"])).await.unwrap(),
+            vec![Some(done("y", true).json), None]
+        );
+        // Two keys held: a's next claim folds them first, in one sorted run, and then holds
+        // only its own new ones.
+        let more = ta.claim_rows(keys(&["p", "q"])).await.unwrap();
+        let (indexed, all) = indexed_and_all(&path);
+        assert_eq!(indexed, vec![x[0].1, x[1].1]);
+        assert_eq!(all.len(), 4);
+        assert_eq!(a.keys.lock().unwrap().held(), 2);
+        // Folded keys are found by both, through the index.
+        assert!(matches!(
+            tb.claim(keys(&["x"])).await,
+            Err(LedgerError::Pending { .. })
+        ));
+        assert_eq!(b.keys.lock().unwrap().held(), 2);
+        assert_eq!(
+            ta.claim(keys(&["x", "y", "q"])).await.unwrap(),
+            vec![Claim::Duplicate; 3]
+        );
+        assert_eq!(a.keys.lock().unwrap().held(), 0);
+        // Rows are never numbered twice: claims without a result that are forgotten (their
+        // group vanished) leave their numbers, and their keys leave the index too.
+        let group = ta
+            .group_or_create(async || Ok::<_, ()>("g".to_string()))
+            .await
+            .unwrap();
+        ta.forget_group(&group).await.unwrap();
+        let (indexed, all) = indexed_and_all(&path);
+        assert_eq!((indexed, all), (vec![x[1].1], vec![x[1].1]));
+        let again = ta.claim_rows(keys(&["x", "p"])).await.unwrap();
+        assert_eq!(
+            again.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![Claim::Submit; 2]
+        );
+        assert!(again[0].1 > more[1].1, "{again:?} after {more:?}");
+        // The next ledger opened folds what is left: nothing is held in memory.
+        drop((ta, tb, a, b));
+        let a = Ledger::open(&path, "a", opts).unwrap();
+        assert_eq!(a.keys.lock().unwrap().held(), 0);
+        let (indexed, all) = indexed_and_all(&path);
+        assert_eq!(indexed, all);
+        assert_eq!(all.len(), 3);
+        let ta = a.task("t", "fp").await.unwrap();
+        assert_eq!(
+            ta.claim(keys(&["x", "y", "p", "new"])).await.unwrap(),
+            vec![Claim::Submit, Claim::Resumed, Claim::Submit, Claim::Submit]
+        );
     }
 
     #[tokio::test]
