@@ -180,7 +180,7 @@ impl FreshKeys {
 
     /// The row of `key` (of task `task`): from memory when it is a row not yet folded,
     /// else from `run_keys`. A row from memory may be gone (see the module's notes): read it
-    /// by number and key.
+    /// by number and key. Only after [`FreshKeys::sync`] in the same transaction.
     pub fn row_of(
         &self,
         c: &Connection,
@@ -189,6 +189,11 @@ impl FreshKeys {
     ) -> rusqlite::Result<Option<i64>> {
         if let Some(row) = self.rows.get(&(task, HeldKey::of(key))) {
             return Ok(Some(*row));
+        }
+        // Nothing was ever folded (every fold moves `runs_folded` past 0): the index is
+        // empty, and a new ledger's claims spare a lookup each.
+        if self.folded == 0 {
+            return Ok(None);
         }
         c.prepare_cached("SELECT row FROM run_keys WHERE task_id = ?1 AND input_key = ?2")?
             .query_row(params![task, key], |r| r.get(0))
