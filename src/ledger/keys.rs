@@ -121,7 +121,7 @@ impl Default for FreshKeys {
 
 impl FreshKeys {
     /// Reads what other processes sharing the ledger folded or added since the last look:
-    /// a read of two settings and of the rows past `seen` (none, when no one else claims).
+    /// a read of one setting and of the rows past `seen` (none, when no one else claims).
     pub fn sync(&mut self, c: &Connection) -> rusqlite::Result<()> {
         let folded = setting(c, "runs_folded")?;
         self.folded_to(folded);
@@ -206,7 +206,7 @@ impl FreshKeys {
 /// once the transaction commits. Needs the write lock.
 pub fn fold(c: &Connection) -> rusqlite::Result<i64> {
     let folded = setting(c, "runs_folded")?;
-    let top: i64 = c.query_row("SELECT coalesce(max(rowid), 0) FROM runs", [], |r| r.get(0))?;
+    let top = last_row(c)?;
     if top <= folded {
         return Ok(folded);
     }
@@ -223,8 +223,13 @@ pub fn fold(c: &Connection) -> rusqlite::Result<i64> {
 /// The number the next new row takes: past every row there is and ever was.
 pub fn next_row(c: &Connection) -> rusqlite::Result<i64> {
     let next = setting(c, "runs_next")?;
-    let top: i64 = c.query_row("SELECT coalesce(max(rowid), 0) FROM runs", [], |r| r.get(0))?;
-    Ok(next.max(top + 1))
+    Ok(next.max(last_row(c)? + 1))
+}
+
+/// The highest row number in `runs`; 0 when it is empty.
+fn last_row(c: &Connection) -> rusqlite::Result<i64> {
+    c.prepare_cached("SELECT coalesce(max(rowid), 0) FROM runs")?
+        .query_row([], |r| r.get(0))
 }
 
 /// Records that new rows start at `next` from now on.

@@ -2362,7 +2362,7 @@ mod tests {
         assert_eq!(t.claim(keys(&["a"])).await.unwrap(), vec![Claim::Submit]);
     }
 
-    /// The rows of `task` whose keys are in `run_keys`, and every row, both by row number.
+    /// The rows whose keys are in `run_keys`, and every row, both by row number.
     fn indexed_and_all(path: &Path) -> (Vec<i64>, Vec<i64>) {
         let c = Connection::open(path).unwrap();
         let rows = |sql: &str| -> Vec<i64> {
